@@ -1,0 +1,66 @@
+"""The book's one plotting style. Introduced in chapter 1.
+
+``use_style()`` sets matplotlib's defaults once per chapter; ``model_color(name)`` gives each
+model the same colour in every figure; ``bootstrap_ci`` gives the 95% intervals the figures draw.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["use_style", "model_color", "bootstrap_ci", "integer_ticks", "plt"]
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+_FIXED = {"gemma-3-270m": _PALETTE[0], "smollm2-135m-instruct": _PALETTE[1]}
+
+
+def use_style() -> None:
+    """Small, legible figures that stay well under a megabyte per notebook."""
+    matplotlib.rcParams.update(
+        {
+            "figure.figsize": (7.0, 3.6),
+            "figure.dpi": 90,
+            "savefig.dpi": 90,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "font.size": 10,
+        }
+    )
+
+
+def integer_ticks(ax, axis: str = "x") -> None:
+    """Whole-number ticks on a layer (or step) axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def model_color(name: str) -> str:
+    """A stable colour per model name (the packaged models have fixed ones)."""
+    if name in _FIXED:
+        return _FIXED[name]
+    return _PALETTE[2 + sum(map(ord, name)) % (len(_PALETTE) - 2)]
+
+
+def bootstrap_ci(samples, n_boot: int = 1000, seed: int = 0, axis: int = 0, level: float = 0.95):
+    """Mean and percentile-bootstrap interval of ``samples`` along ``axis``.
+
+    Returns ``(mean, low, high)`` arrays with ``axis`` removed.
+    """
+    x = np.asarray(samples, dtype=float)
+    x = np.moveaxis(x, axis, 0)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("bootstrap_ci needs at least one sample")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    means = x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return x.mean(0), np.quantile(means, a, axis=0), np.quantile(means, 1 - a, axis=0)

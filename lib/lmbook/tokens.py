@@ -1,0 +1,119 @@
+"""Encoding prompts in batches, and finding where a substring sits among a prompt's tokens.
+
+Introduced in chapter 1. Batches are **right-padded**: with causal attention a real token never
+attends to the padding after it, so every real position computes exactly what it would alone,
+and batched and one-at-a-time runs agree. Each row's last real token is at ``batch.last[i]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from .params import ParameterError
+
+__all__ = ["Batch", "encode", "token_span", "first_token_ids", "decode_tokens"]
+
+
+@dataclasses.dataclass
+class Batch:
+    """A right-padded batch. ``input_ids`` and ``attention_mask`` are ``[batch, seq]``;
+    ``last`` is ``[batch]``, the index of each row's last real token; ``offsets`` holds each
+    row's ``(start, end)`` character span per token (``None`` where the tokenizer has none)."""
+
+    prompts: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last: torch.Tensor
+    offsets: list[list[tuple[int, int]]] | None
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments a forward pass (or ``model.trace``) takes."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def rows(self) -> torch.Tensor:
+        return torch.arange(len(self.prompts))
+
+    def select(self, idx: Sequence[int]) -> "Batch":
+        """The sub-batch of rows ``idx`` (padding trimmed to the longest kept row)."""
+        idx = list(idx)
+        width = int(self.last[idx].max()) + 1 if idx else 0
+        return Batch(
+            [self.prompts[i] for i in idx],
+            self.input_ids[idx, :width],
+            self.attention_mask[idx, :width],
+            self.last[idx],
+            None if self.offsets is None else [self.offsets[i] for i in idx],
+        )
+
+
+def _tokenizer(model_or_tokenizer):
+    return getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+
+
+def encode(model_or_tokenizer, prompts: str | Sequence[str]) -> Batch:
+    """Tokenise ``prompts`` (special tokens such as BOS added as the model expects), right-padded."""
+    tok = _tokenizer(model_or_tokenizer)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ParameterError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
+    prompts = list(prompts)
+    enc = [tok(p, return_offsets_mapping=getattr(tok, "is_fast", False)) for p in prompts]
+    width = max(len(e["input_ids"]) for e in enc)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+    last = mask.sum(1) - 1
+    offsets = [list(map(tuple, e["offset_mapping"])) for e in enc] if "offset_mapping" in enc[0] else None
+    return Batch(prompts, ids, mask, last, offsets)
+
+
+def token_span(batch: Batch, row: int, substring: str, occurrence: str = "last") -> tuple[int, int]:
+    """Token indices ``[start, end)`` of the tokens that overlap ``substring`` in prompt ``row``.
+
+    ``occurrence`` picks the ``"first"`` or ``"last"`` match when the substring occurs twice.
+    Raises :class:`ParameterError` if the substring is absent.
+    """
+    prompt = batch.prompts[row]
+    if batch.offsets is None:
+        raise ParameterError("token_span needs a fast tokenizer (one that reports character offsets)")
+    pos = prompt.rfind(substring) if occurrence == "last" else prompt.find(substring)
+    if not substring or pos < 0:
+        raise ParameterError(f"{substring!r} does not occur in the prompt {prompt!r}")
+    lo, hi = pos, pos + len(substring)
+    hits = [
+        t for t, (s, e) in enumerate(batch.offsets[row][: int(batch.last[row]) + 1])
+        if e > s and s < hi and e > lo
+    ]
+    return hits[0], hits[-1] + 1
+
+
+def first_token_ids(model_or_tokenizer, words: Sequence[str]) -> torch.Tensor:
+    """Id of the first token of each word as it would follow a prompt (no special tokens).
+
+    Pass words with their leading space (``" Paris"``), as they appear after the prompt.
+    """
+    tok = _tokenizer(model_or_tokenizer)
+    out = []
+    for w in words:
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ParameterError(f"the word {w!r} encodes to no tokens")
+        out.append(ids[0])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def decode_tokens(model_or_tokenizer, ids) -> list[str]:
+    """Each id decoded on its own (so a reader sees token boundaries)."""
+    tok = _tokenizer(model_or_tokenizer)
+    return [tok.decode([int(i)]) for i in torch.as_tensor(ids).flatten()]

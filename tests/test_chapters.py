@@ -1,0 +1,137 @@
+"""Chapter smoke runs (papermill with small parameters from tests/smoke/), assertions on the
+results each chapter recorded, nbval on the executed notebooks, and the book build.
+
+Marked ``chapters`` / ``book``; ``make test-unit`` skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import papermill as pm
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = Path(__file__).parent / "smoke"
+CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+
+pytestmark = pytest.mark.chapters
+
+
+def smoke_params(stem: str, results_dir: Path) -> dict:
+    path = SMOKE / f"{stem}.yaml"
+    assert path.is_file(), f"every chapter needs smoke parameters in {path}"
+    params = yaml.safe_load(path.read_text()) or {}
+    params["RESULTS_DIR"] = str(results_dir)
+    return params
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """Execute every chapter once with its smoke parameters: ``{stem: (notebook, results)}``."""
+    out = tmp_path_factory.mktemp("smoke")
+    runs = {}
+    for stem in CHAPTERS:
+        params = smoke_params(stem, out / "results")
+        nb = out / "chapters" / f"{stem}.ipynb"
+        nb.parent.mkdir(parents=True, exist_ok=True)
+        pm.execute_notebook(str(ROOT / "chapters" / f"{stem}.ipynb"), str(nb), parameters=params,
+                            kernel_name="python3", progress_bar=False, cwd=str(ROOT / "chapters"))
+        runs[stem] = (nb, json.loads((out / "results" / f"{stem}.json").read_text()), params)
+    return runs
+
+
+def test_every_chapter_has_a_parameters_cell_and_no_outputs():
+    for stem in CHAPTERS:
+        nb = json.loads((ROOT / "chapters" / f"{stem}.ipynb").read_text())
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{stem}: exactly one cell tagged 'parameters'"
+        assert nb["metadata"]["kernelspec"]["name"] == "python3"
+        for c in nb["cells"]:
+            if c["cell_type"] == "code":
+                assert not c.get("outputs") and c.get("execution_count") is None, f"{stem}: commit notebooks stripped"
+
+
+# --- per-chapter assertions on what the smoke run recorded ----------------------------------
+
+
+def check_01_tour(results: dict, params: dict) -> None:
+    n = results["n_layers"]
+    assert results["model"] == params["MODEL"]
+    assert -1 <= results["emergence_layer"] < n
+    facts = results["lens_facts"]
+    assert len(facts) == len(params["FACTS"]) * len(params["LENS_MODELS"])
+    for row in facts:
+        assert 0.0 <= row["p(answer) at output"] <= 1.0
+        assert -1 <= row["emergence layer"] < n
+    summary = {r["model"]: r for r in results["lens_summary"]}
+    assert set(summary) == set(params["LENS_MODELS"])
+    for r in summary.values():
+        assert 0 <= r["answered"] <= r["facts"] == len(params["FACTS"])
+    for key in ("patch_subject_flip_layers", "patch_last_flip_layers"):
+        assert all(0 <= l < n for l in results[key])
+    assert 0.0 <= results["p_answer_clean"] <= 1.0
+
+
+@pytest.mark.parametrize("stem", CHAPTERS)
+def test_chapter_smoke_run_records_valid_results(stem, smoke_runs):
+    _, results, params = smoke_runs[stem]
+    check = globals().get(f"check_{stem}")
+    assert check is not None, f"add check_{stem} to tests/test_chapters.py"
+    check(results, params)
+
+
+@pytest.mark.parametrize("stem", CHAPTERS)
+def test_unknown_model_fails_at_once(stem, tmp_path):
+    params = smoke_params(stem, tmp_path / "results")
+    params["MODEL"] = "no-such-model"
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "chapters" / f"{stem}.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters=params, kernel_name="python3", progress_bar=False)
+    assert e.value.ename == "ModelNotAvailableError"
+    assert "gemma-3-270m" in e.value.evalue and "smollm2-135m-instruct" in e.value.evalue
+    nb = json.loads((tmp_path / "out.ipynb").read_text())
+    failed = [i for i, c in enumerate(nb["cells"]) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
+    injected = next(i for i, t in enumerate(tags) if "injected-parameters" in t)
+    validation = next(i for i, c in enumerate(nb["cells"]) if i > injected and c["cell_type"] == "code")
+    assert failed == [validation], "the validation cell, before any model is loaded, must fail"
+    assert not (tmp_path / "results").exists(), "nothing may be written for a bad parameter"
+
+
+def test_nbval_on_smoke_notebooks(smoke_runs):
+    notebooks = [str(nb) for nb, _, _ in smoke_runs.values()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+         "--nbval-sanitize-with", str(Path(__file__).parent / "sanitize.cfg"), *notebooks],
+        capture_output=True, text=True, cwd=str(Path(notebooks[0]).parent),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
+
+
+@pytest.mark.book
+def test_book_builds_with_warnings_as_errors(smoke_runs, tmp_path):
+    """The whole book (config, toc, intro, references, every chapter) renders with -W, using the
+    smoke-executed notebooks instead of executing the full chapters again."""
+    book = tmp_path / "book"
+    shutil.copytree(ROOT, book, ignore=shutil.ignore_patterns(".venv", "_build", ".git", ".pytest_cache", "chapters", "__pycache__", "*.egg-info"))
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config["execute"]["execute_notebooks"] = "off"
+    (book / "_config.yml").write_text(yaml.safe_dump(config))
+    (book / "chapters").mkdir(exist_ok=True)
+    for stem, (nb, _, _) in smoke_runs.items():
+        shutil.copy(nb, book / "chapters" / f"{stem}.ipynb")
+    proc = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(book), "-W", "--keep-going"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    html = book / "_build" / "html"
+    for stem in CHAPTERS:
+        page = (html / "chapters" / f"{stem}.html").read_text()
+        assert "<img" in page, f"{stem}: the rendered chapter shows its figures"
+    assert (html / "intro.html").is_file()
