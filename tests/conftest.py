@@ -1,13 +1,57 @@
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = Path(__file__).parent / "smoke"
+CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+
+
+def smoke_params(stem: str, results_dir: Path) -> dict:
+    """A chapter's small CI parameters, from tests/smoke/<stem>.yaml, writing results to ``results_dir``."""
+    path = SMOKE / f"{stem}.yaml"
+    assert path.is_file(), f"every chapter needs smoke parameters in {path}"
+    params = yaml.safe_load(path.read_text()) or {}
+    params["RESULTS_DIR"] = str(results_dir)
+    return params
+
+
+@dataclasses.dataclass
+class SmokeRun:
+    notebook: Path  # the executed notebook
+    results: dict  # what the chapter recorded
+    params: dict  # the parameters it ran with
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``smoke_run(stem)`` executes a chapter once per session with its smoke parameters (papermill)."""
+    import papermill as pm
+
+    out = tmp_path_factory.mktemp("smoke")
+    done: dict[str, SmokeRun] = {}
+
+    def run(stem: str) -> SmokeRun:
+        if stem not in done:
+            params = smoke_params(stem, out / "results")
+            nb = out / "chapters" / f"{stem}.ipynb"
+            nb.parent.mkdir(parents=True, exist_ok=True)
+            pm.execute_notebook(str(ROOT / "chapters" / f"{stem}.ipynb"), str(nb), parameters=params,
+                                kernel_name="python3", progress_bar=False, cwd=str(ROOT / "chapters"))
+            done[stem] = SmokeRun(nb, json.loads((out / "results" / f"{stem}.json").read_text()), params)
+        return done[stem]
+
+    return run
 
 
 @pytest.fixture(scope="session")

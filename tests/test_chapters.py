@@ -16,34 +16,9 @@ import papermill as pm
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = Path(__file__).parent / "smoke"
-CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+from conftest import CHAPTERS, ROOT, smoke_params
 
 pytestmark = pytest.mark.chapters
-
-
-def smoke_params(stem: str, results_dir: Path) -> dict:
-    path = SMOKE / f"{stem}.yaml"
-    assert path.is_file(), f"every chapter needs smoke parameters in {path}"
-    params = yaml.safe_load(path.read_text()) or {}
-    params["RESULTS_DIR"] = str(results_dir)
-    return params
-
-
-@pytest.fixture(scope="session")
-def smoke_runs(tmp_path_factory):
-    """Execute every chapter once with its smoke parameters: ``{stem: (notebook, results)}``."""
-    out = tmp_path_factory.mktemp("smoke")
-    runs = {}
-    for stem in CHAPTERS:
-        params = smoke_params(stem, out / "results")
-        nb = out / "chapters" / f"{stem}.ipynb"
-        nb.parent.mkdir(parents=True, exist_ok=True)
-        pm.execute_notebook(str(ROOT / "chapters" / f"{stem}.ipynb"), str(nb), parameters=params,
-                            kernel_name="python3", progress_bar=False, cwd=str(ROOT / "chapters"))
-        runs[stem] = (nb, json.loads((out / "results" / f"{stem}.json").read_text()), params)
-    return runs
 
 
 def test_every_chapter_has_a_parameters_cell_and_no_outputs():
@@ -57,33 +32,12 @@ def test_every_chapter_has_a_parameters_cell_and_no_outputs():
                 assert not c.get("outputs") and c.get("execution_count") is None, f"{stem}: commit notebooks stripped"
 
 
-# --- per-chapter assertions on what the smoke run recorded ----------------------------------
-
-
-def check_01_tour(results: dict, params: dict) -> None:
-    n = results["n_layers"]
-    assert results["model"] == params["MODEL"]
-    assert -1 <= results["emergence_layer"] < n
-    facts = results["lens_facts"]
-    assert len(facts) == len(params["FACTS"]) * len(params["LENS_MODELS"])
-    for row in facts:
-        assert 0.0 <= row["p(answer) at output"] <= 1.0
-        assert -1 <= row["emergence layer"] < n
-    summary = {r["model"]: r for r in results["lens_summary"]}
-    assert set(summary) == set(params["LENS_MODELS"])
-    for r in summary.values():
-        assert 0 <= r["answered"] <= r["facts"] == len(params["FACTS"])
-    for key in ("patch_subject_flip_layers", "patch_last_flip_layers"):
-        assert all(0 <= l < n for l in results[key])
-    assert 0.0 <= results["p_answer_clean"] <= 1.0
-
-
 @pytest.mark.parametrize("stem", CHAPTERS)
-def test_chapter_smoke_run_records_valid_results(stem, smoke_runs):
-    _, results, params = smoke_runs[stem]
-    check = globals().get(f"check_{stem}")
-    assert check is not None, f"add check_{stem} to tests/test_chapters.py"
-    check(results, params)
+def test_every_chapter_has_smoke_assertions(stem):
+    """Each chapter's recorded results are checked in tests/test_chNN_*.py through the smoke_run fixture."""
+    nn = stem.split("_")[0]
+    files = list(Path(__file__).parent.glob(f"test_ch{nn}_*.py"))
+    assert files and any("smoke_run(" in f.read_text() for f in files), f"add tests/test_ch{nn}_<slug>.py for {stem}"
 
 
 @pytest.mark.parametrize("stem", CHAPTERS)
@@ -104,8 +58,8 @@ def test_unknown_model_fails_at_once(stem, tmp_path):
     assert not (tmp_path / "results").exists(), "nothing may be written for a bad parameter"
 
 
-def test_nbval_on_smoke_notebooks(smoke_runs):
-    notebooks = [str(nb) for nb, _, _ in smoke_runs.values()]
+def test_nbval_on_smoke_notebooks(smoke_run):
+    notebooks = [str(smoke_run(stem).notebook) for stem in CHAPTERS]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
          "--nbval-sanitize-with", str(Path(__file__).parent / "sanitize.cfg"), *notebooks],
@@ -116,7 +70,7 @@ def test_nbval_on_smoke_notebooks(smoke_runs):
 
 
 @pytest.mark.book
-def test_book_builds_with_warnings_as_errors(smoke_runs, tmp_path):
+def test_book_builds_with_warnings_as_errors(smoke_run, tmp_path):
     """The whole book (config, toc, intro, references, every chapter) renders with -W, using the
     smoke-executed notebooks instead of executing the full chapters again."""
     book = tmp_path / "book"
@@ -125,8 +79,8 @@ def test_book_builds_with_warnings_as_errors(smoke_runs, tmp_path):
     config["execute"]["execute_notebooks"] = "off"
     (book / "_config.yml").write_text(yaml.safe_dump(config))
     (book / "chapters").mkdir(exist_ok=True)
-    for stem, (nb, _, _) in smoke_runs.items():
-        shutil.copy(nb, book / "chapters" / f"{stem}.ipynb")
+    for stem in CHAPTERS:
+        shutil.copy(smoke_run(stem).notebook, book / "chapters" / f"{stem}.ipynb")
     proc = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(book), "-W", "--keep-going"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

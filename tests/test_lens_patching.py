@@ -101,3 +101,17 @@ def test_sublayer_norms_match_a_plain_forward(llama):
     for layer in range(llama.num_layers - 1):
         torch.testing.assert_close(norms["residual"][layer], ref.hidden_states[layer + 1][1, :n].norm(dim=-1))
     assert (norms["attention"] > 0).all() and (norms["mlp"] > 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_only_logits_equal_full_logits(family, tiny_models):
+    from lmbook.models import final_logits, trace
+
+    model = tiny_models[family]
+    b = encode(model, PROMPTS)
+    with torch.no_grad(), trace(model, b):
+        full = final_logits(model, b).save()
+    with torch.no_grad(), trace(model, b, last_only=True):
+        part = final_logits(model, b, last_only=True).save()
+    assert part.shape == (len(PROMPTS), model.vocab_size)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)

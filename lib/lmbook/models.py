@@ -45,6 +45,7 @@ __all__ = [
     "prepare_packaged",
     "packaged_checkpoint",
     "trace",
+    "final_logits",
 ]
 
 CACHE_ENV = "LMBOOK_MODEL_CACHE"
@@ -351,6 +352,22 @@ if __name__ == "__main__":
     raise SystemExit(_main())
 
 
-def trace(model, batch, **kwargs):
-    """``model.trace`` over a :class:`lmbook.tokens.Batch`, on NDIF when the model was loaded remote."""
+def trace(model, batch, last_only: bool = False, **kwargs):
+    """``model.trace`` over a :class:`lmbook.tokens.Batch`, on NDIF when the model was loaded remote.
+
+    ``last_only=True`` asks the model for logits only at the positions that are some row's last
+    token (``logits_to_keep``), which skips most of the unembedding: with Gemma's 262k-token
+    vocabulary that is more than half of a forward's work. Read them with :func:`final_logits`.
+    """
+    if last_only:
+        kwargs["logits_to_keep"] = torch.unique(batch.last)
     return model.trace(batch.inputs(), remote=getattr(model, "lmbook_remote", False), **kwargs)
+
+
+def final_logits(model, batch, last_only: bool = False):
+    """Inside a :func:`trace`: the logits at each row's last token, ``[B, vocab]``; pass the same
+    ``last_only`` as the trace."""
+    if last_only:
+        col = torch.searchsorted(torch.unique(batch.last), batch.last)
+        return model.logits[batch.rows(), col]
+    return model.logits[batch.rows(), batch.last]

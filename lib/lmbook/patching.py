@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import trace
+from .models import final_logits, trace
 from .params import ParameterError, check_layers
 from .tokens import Batch
 
@@ -48,8 +48,8 @@ def sublayer_norms(model, batch: Batch, row: int = 0) -> dict[str, torch.Tensor]
 
 def last_token_logprobs(model, batch: Batch) -> torch.Tensor:
     """Log-probabilities of the next token after each prompt, ``[B, vocab]``."""
-    with torch.no_grad(), trace(model, batch):
-        lp = model.logits[batch.rows(), batch.last].float().log_softmax(-1).save()
+    with torch.no_grad(), trace(model, batch, last_only=True):
+        lp = final_logits(model, batch, last_only=True).float().log_softmax(-1).save()
     return lp
 
 
@@ -80,9 +80,9 @@ def patch_sweep(
     states = hidden_states(model, source, layers, torch.tensor([sp]))[:, 0]  # [L, d]
     n = len(layers) + 1
     rep = target.select([0] * n)
-    with torch.no_grad(), trace(model, rep):
+    with torch.no_grad(), trace(model, rep, last_only=True):
         for i, layer in enumerate(layers):
             h = model.layers_output[layer]
             h[i + 1, tp] = states[i].to(h.dtype)
-        lp = model.logits[:, int(target.last[0])].float().log_softmax(-1).save()
+        lp = final_logits(model, rep, last_only=True).float().log_softmax(-1).save()
     return lp
