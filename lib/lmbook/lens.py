@@ -83,15 +83,15 @@ def logit_lens(model, batch: Batch, layers=None, positions=None, targets=None, k
             h = model.layers_output[layer][rows, safe]  # [B, P, d]
             lp = model.project_on_vocab(h).float().log_softmax(-1)
             if tgt is not None:
-                tl.append(lp.gather(-1, tgt))
+                tl.append(lp.gather(-1, tgt.to(lp.device)))
             top = lp.topk(k, dim=-1)
             ti.append(top.indices)
             tp.append(top.values.exp())
     return LensResult(
         layers=layers,
-        target_logprobs=torch.stack(tl) if tgt is not None else None,
-        top_ids=torch.stack(ti),
-        top_probs=torch.stack(tp),
+        target_logprobs=torch.stack(tl).cpu() if tgt is not None else None,
+        top_ids=torch.stack(ti).cpu(),
+        top_probs=torch.stack(tp).cpu(),
         positions=pos,
     )
 

@@ -46,6 +46,8 @@ __all__ = [
     "packaged_checkpoint",
     "trace",
     "final_logits",
+    "sublayer_updates",
+    "model_device",
 ]
 
 CACHE_ENV = "LMBOOK_MODEL_CACHE"
@@ -361,7 +363,16 @@ def trace(model, batch, last_only: bool = False, **kwargs):
     """
     if last_only:
         kwargs["logits_to_keep"] = torch.unique(batch.last)
-    return model.trace(batch.inputs(), remote=getattr(model, "lmbook_remote", False), **kwargs)
+    dev = model_device(model)
+    inputs = {k: v.to(dev) for k, v in batch.inputs().items()}
+    return model.trace(inputs, remote=getattr(model, "lmbook_remote", False), **kwargs)
+
+
+def model_device(model) -> torch.device:
+    """The device of a loaded model's weights (the CPU for a model traced remotely)."""
+    if getattr(model, "lmbook_remote", False):
+        return torch.device("cpu")
+    return next(model._model.parameters()).device
 
 
 def final_logits(model, batch, last_only: bool = False):
@@ -371,3 +382,18 @@ def final_logits(model, batch, last_only: bool = False):
         col = torch.searchsorted(torch.unique(batch.last), batch.last)
         return model.logits[batch.rows(), col]
     return model.logits[batch.rows(), batch.last]
+
+
+def sublayer_updates(model, layer: int):
+    """Inside a trace: what the attention and the MLP sublayer of ``layer`` add to the residual
+    stream, as ``(attention_update, mlp_update)``, each ``[batch, seq, d]``.
+
+    For most families these are nnterp's ``attentions_output`` and ``mlps_output``. Gemma 2/3
+    normalise each sublayer's output again before adding it (``post_attention_layernorm``,
+    ``post_feedforward_layernorm``); there the update is that norm's output, which nnterp does not
+    name. Chapter 2 projects these updates to the vocabulary (attribute extraction).
+    """
+    block = model.layers[layer]
+    if hasattr(block, "post_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):
+        return block.post_attention_layernorm.output, block.post_feedforward_layernorm.output
+    return model.attentions_output[layer], model.mlps_output[layer]

@@ -26,7 +26,7 @@ def hidden_states(model, batch: Batch, layers=None, positions: torch.Tensor | No
         out = list().save()
         for layer in layers:
             out.append(model.layers_output[layer][rows, pos])
-    return torch.stack(out).float()
+    return torch.stack(out).float().cpu()
 
 
 def sublayer_norms(model, batch: Batch, row: int = 0) -> dict[str, torch.Tensor]:
@@ -43,14 +43,15 @@ def sublayer_norms(model, batch: Batch, row: int = 0) -> dict[str, torch.Tensor]
             attn.append(model.attentions_output[layer][row, :n].norm(dim=-1))
             mlp.append(model.mlps_output[layer][row, :n].norm(dim=-1))
             resid.append(model.layers_output[layer][row, :n].norm(dim=-1))
-    return {"attention": torch.stack(attn).float(), "mlp": torch.stack(mlp).float(), "residual": torch.stack(resid).float()}
+    return {"attention": torch.stack(attn).float().cpu(), "mlp": torch.stack(mlp).float().cpu(),
+            "residual": torch.stack(resid).float().cpu()}
 
 
 def last_token_logprobs(model, batch: Batch) -> torch.Tensor:
     """Log-probabilities of the next token after each prompt, ``[B, vocab]``."""
     with torch.no_grad(), trace(model, batch, last_only=True):
         lp = final_logits(model, batch, last_only=True).float().log_softmax(-1).save()
-    return lp
+    return lp.cpu()
 
 
 def patch_sweep(
@@ -83,6 +84,6 @@ def patch_sweep(
     with torch.no_grad(), trace(model, rep, last_only=True):
         for i, layer in enumerate(layers):
             h = model.layers_output[layer]
-            h[i + 1, tp] = states[i].to(h.dtype)
+            h[i + 1, tp] = states[i].to(h.device, h.dtype)
         lp = final_logits(model, rep, last_only=True).float().log_softmax(-1).save()
-    return lp
+    return lp.cpu()

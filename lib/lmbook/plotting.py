@@ -10,7 +10,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["use_style", "model_color", "bootstrap_ci", "integer_ticks", "plt"]
+__all__ = ["use_style", "model_color", "bootstrap_ci", "integer_ticks", "plot_band", "plt"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 _FIXED = {"gemma-3-270m": _PALETTE[0], "smollm2-135m-instruct": _PALETTE[1]}
@@ -64,3 +64,18 @@ def bootstrap_ci(samples, n_boot: int = 1000, seed: int = 0, axis: int = 0, leve
     means = x[idx].mean(axis=1)
     a = (1 - level) / 2
     return x.mean(0), np.quantile(means, a, axis=0), np.quantile(means, 1 - a, axis=0)
+
+
+def plot_band(ax, x, samples, label: str, color=None, n_boot: int = 1000, seed: int = 0, **kwargs):
+    """Plot the mean of ``samples`` (``[n, len(x)]``, NaN ignored per column) against ``x`` with a
+    shaded 95% bootstrap interval; returns the mean."""
+    s = np.asarray(samples, dtype=float)
+    mean = np.full(s.shape[1], np.nan)
+    lo, hi = mean.copy(), mean.copy()
+    for j in range(s.shape[1]):
+        col = s[:, j][~np.isnan(s[:, j])]
+        if len(col):
+            mean[j], lo[j], hi[j] = (float(v) for v in bootstrap_ci(col, n_boot=n_boot, seed=seed))
+    line, = ax.plot(x, mean, label=label, color=color, **kwargs)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    return mean

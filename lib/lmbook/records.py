@@ -42,6 +42,13 @@ def to_jsonable(value: Any) -> Any:
     raise ParameterError(f"cannot record a value of type {type(value).__name__}: {value!r}")
 
 
+class _Plain(str):
+    """A string whose display is the text itself, without quotes (for glued words in prose)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class Recorder:
     """Collects ``key -> value`` for one chapter; see the module docstring."""
 
@@ -61,7 +68,8 @@ class Recorder:
         if (self.glue if glue is None else glue) and isinstance(self.results[key], (int, float, str)):
             from myst_nb import glue as nb_glue
 
-            nb_glue(key, value if not isinstance(value, (torch.Tensor, np.generic)) else self.results[key], display=False)
+            shown = self.results[key]
+            nb_glue(key, _Plain(shown) if isinstance(shown, str) else shown, display=False)
         return value
 
     def _save(self) -> None:

@@ -95,6 +95,8 @@ def token_span(batch: Batch, row: int, substring: str, occurrence: str = "last")
         t for t, (s, e) in enumerate(batch.offsets[row][: int(batch.last[row]) + 1])
         if e > s and s < hi and e > lo
     ]
+    if not hits:
+        raise ParameterError(f"no token of the prompt {prompt!r} covers {substring!r} (the tokenizer reports no offsets there)")
     return hits[0], hits[-1] + 1
 
 

@@ -1,0 +1,180 @@
+"""The facts dataset: loading with schema checks, and which facts a model knows.
+
+Introduced in chapter 2 ("Dissecting factual recall"); chapter 3 reuses it to measure knowledge
+before and after further pretraining. The schema is documented in ``data/facts/README.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .models import final_logits, trace
+from .params import ParameterError, check_file, check_int
+from .tokens import encode, first_token_ids
+
+__all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "known_mask", "recall_accuracy",
+           "STOPWORDS", "related_token_sets"]
+
+FACT_FIELDS = {"id": str, "relation": str, "subject": str, "template": str, "prompt": str, "attribute": str}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    id: str
+    relation: str
+    subject: str
+    template: str
+    prompt: str
+    attribute: str  # without the leading space; the model sees " " + attribute after the prompt
+
+
+def _read_jsonl(path: Path, name: str):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParameterError(f"{name} {path}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ParameterError(f"{name} {path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
+
+
+def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_PATH") -> list[Fact]:
+    """Read and validate a facts file (JSON lines; fields in ``data/facts/README.md``).
+
+    Every problem is reported with the file and line: a missing or extra field, a field of the
+    wrong type, a prompt that is not ``template.format(subject)``, a subject that does not occur
+    in its prompt, an attribute with surrounding spaces, a duplicate id.
+    """
+    path = check_file(name, path)
+    facts, seen = [], {}
+    for lineno, rec in _read_jsonl(path, name):
+        where = f"{name} {path}, line {lineno}"
+        missing = set(FACT_FIELDS) - set(rec)
+        extra = set(rec) - set(FACT_FIELDS)
+        if missing or extra:
+            raise ParameterError(f"{where}: missing fields {sorted(missing)}, unexpected fields {sorted(extra)}; "
+                                 f"expected exactly {list(FACT_FIELDS)}")
+        for key, typ in FACT_FIELDS.items():
+            if not isinstance(rec[key], typ) or not rec[key].strip():
+                raise ParameterError(f"{where}: field {key!r} must be a non-empty string, got {rec[key]!r}")
+        if "{}" not in rec["template"] or rec["template"].format(rec["subject"]) != rec["prompt"]:
+            raise ParameterError(f"{where}: prompt {rec['prompt']!r} is not template.format(subject) "
+                                 f"for template {rec['template']!r} and subject {rec['subject']!r}")
+        if rec["attribute"] != rec["attribute"].strip():
+            raise ParameterError(f"{where}: attribute {rec['attribute']!r} has surrounding whitespace")
+        if rec["prompt"] != rec["prompt"].rstrip():
+            raise ParameterError(f"{where}: prompt ends with whitespace; the answer's leading space belongs to the answer")
+        if rec["id"] in seen:
+            raise ParameterError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+        seen[rec["id"]] = lineno
+        facts.append(Fact(**{k: rec[k] for k in FACT_FIELDS}))
+    if not facts:
+        raise ParameterError(f"{name} {path}: the file holds no facts")
+    return facts
+
+
+def load_descriptions(path: str | Path = "data/facts/subjects.jsonl", name: str = "DESCRIPTIONS_PATH") -> dict[str, str]:
+    """``{subject: description}`` from a JSON-lines file of ``{"subject", "description"}`` records."""
+    path = check_file(name, path)
+    out: dict[str, str] = {}
+    for lineno, rec in _read_jsonl(path, name):
+        if set(rec) != {"subject", "description"} or not all(isinstance(v, str) and v.strip() for v in rec.values()):
+            raise ParameterError(f"{name} {path}, line {lineno}: expected non-empty string fields 'subject' and 'description'")
+        if rec["subject"] in out:
+            raise ParameterError(f"{name} {path}, line {lineno}: duplicate subject {rec['subject']!r}")
+        out[rec["subject"]] = rec["description"]
+    return out
+
+
+def answer_token_ids(model, facts: Sequence[Fact]) -> torch.Tensor:
+    """First token id of ``" " + attribute`` for each fact, ``[N]``."""
+    return first_token_ids(model, [" " + f.attribute for f in facts])
+
+
+def known_mask(model, facts: Sequence[Fact], batch_size: int = 64) -> torch.Tensor:
+    """Which facts the model knows: its top-1 next token after the prompt is the attribute's first
+    token. Returns a bool tensor ``[N]``. Prompts are sorted by length into batches to limit padding."""
+    check_int("batch_size", batch_size, 1)
+    target = answer_token_ids(model, facts)
+    order = sorted(range(len(facts)), key=lambda i: len(facts[i].prompt))
+    top1 = torch.empty(len(facts), dtype=torch.long)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = encode(model, [facts[i].prompt for i in idx])
+        with torch.no_grad(), trace(model, b, last_only=True):
+            t = final_logits(model, b, last_only=True).argmax(-1).save()
+        top1[idx] = t.cpu()
+    return top1 == target
+
+
+def recall_accuracy(model, facts: Sequence[Fact], batch_size: int = 64) -> float:
+    """Fraction of facts the model knows (see :func:`known_mask`)."""
+    return float(known_mask(model, facts, batch_size).float().mean())
+
+
+# A short stop-word list written for this book (function words, auxiliaries, pronouns), used to
+# keep only content tokens in the attributes-rate measure of chapter 2.
+STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have having he
+    her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor
+    not now of off on once only or other our ours ourselves out over own same she should so some such than that
+    the their theirs them themselves then there these they this those through to too under until up very was we
+    were what when where which while who whom why will with would you your yours yourself yourselves one two
+    known well many much first second new old its became become made make best""".split()
+)
+
+_WORD = re.compile(r"[^\W\d_][\w'-]*", re.UNICODE)
+
+
+def _norm(token_text: str) -> str:
+    return token_text.strip().lower()
+
+
+def related_token_sets(model, facts: Sequence[Fact], descriptions: dict[str, str]) -> dict[str, frozenset[str]]:
+    """Per subject, the set of content words related to it (lower-cased strings), for the
+    attributes rate of chapter 2.
+
+    The set holds the words of the subject's description and every attribute the dataset holds for
+    that subject, minus stop words, words of two characters or fewer, and the subject's own words
+    (a projection that merely repeats the subject's name is not an attribute). Geva et al. (2023)
+    built the same kind of set from Wikipedia paragraphs about each subject. A top token of a
+    projection counts as related when its stripped, lower-cased text is in the set.
+    """
+    by_subject: dict[str, set[str]] = {}
+    for f in facts:
+        if f.subject not in descriptions:
+            raise ParameterError(f"no description for subject {f.subject!r} (fact {f.id}); add it to the descriptions file")
+        words = by_subject.setdefault(f.subject, set())
+        words.update(w.lower() for w in _WORD.findall(descriptions[f.subject]))
+        words.update(w.lower() for w in _WORD.findall(f.attribute))
+    tok = getattr(model, "tokenizer", model)
+
+    def pieces(word: str) -> set[str]:
+        # the model's own tokens of the word (with and without a leading space), so sub-word
+        # tokens such as " Par" of " Paris" can match, as in Geva et al.'s token-level sets
+        ids = tok(" " + word, add_special_tokens=False)["input_ids"] + tok(word, add_special_tokens=False)["input_ids"]
+        return {_norm(tok.decode([i])) for i in ids} | {word}
+
+    def content(items: set[str]) -> set[str]:
+        return {w for w in items if len(w) > 2 and w not in STOPWORDS}
+
+    out = {}
+    for subject, words in by_subject.items():
+        own = set()
+        for w in _WORD.findall(subject):
+            own |= pieces(w.lower()) | pieces(w)
+        related = set()
+        for w in words:
+            related |= pieces(w)
+        out[subject] = frozenset(content(related) - own)
+    return out

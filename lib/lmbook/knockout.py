@@ -1,0 +1,219 @@
+"""Attention knockout: stop the last position from reading chosen positions in chosen layers.
+
+Introduced in chapter 2 ("Dissecting factual recall", after Geva et al. 2023). Blocking an
+attention edge means zeroing its probability and renormalising the row, which is the same as
+setting its score to -inf before the softmax; we edit ``model.attention_probabilities[L]``.
+
+**Why a sweep is cheap.** A knockout from the last position changes nothing at the earlier
+positions: their hidden states, keys and values are those of the clean run. So the prompt minus
+its last token is run once (keys and values cached), and every intervention is one row of a
+batch that feeds only the last token against that cache. All windows and all knockout kinds for a
+group of facts are one traced forward of one token per row. ``knockout_sweep_looped`` does the
+same sweep the plain way (one full forward per intervention); the tests and ``bench/knockout.py``
+check that both agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from .models import model_device
+from .params import ParameterError, check_int
+from .tokens import Batch, encode, token_span
+
+__all__ = ["KINDS", "FactGroup", "group_facts", "layer_windows", "key_masks", "knockout_sweep",
+           "knockout_sweep_looped", "last_token_run", "prefix_cache"]
+
+KINDS = ("subject", "non-subject", "last")
+
+
+@dataclasses.dataclass
+class FactGroup:
+    """Prompts of one token length (no padding). ``index``: positions in the caller's list;
+    ``spans``: ``[F, 2]`` subject token span ``[start, end)``; ``target``: ``[F]`` token ids."""
+
+    index: list[int]
+    batch: Batch
+    spans: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.batch.input_ids.shape[1])
+
+
+def group_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets: torch.Tensor,
+                max_group: int = 32) -> list[FactGroup]:
+    """Encode prompts, find each subject's token span, and group prompts of equal token length
+    (at most ``max_group`` per group) so that each group needs no padding."""
+    if not (len(prompts) == len(subjects) == len(targets)):
+        raise ParameterError("prompts, subjects and targets must have the same length")
+    check_int("max_group", max_group, 1)
+    enc = encode(model, list(prompts))
+    spans = torch.tensor([token_span(enc, i, s) for i, s in enumerate(subjects)])
+    lengths = (enc.last + 1).tolist()
+    groups = []
+    for n in sorted(set(lengths)):
+        idx = [i for i, length in enumerate(lengths) if length == n]
+        for s in range(0, len(idx), max_group):
+            part = idx[s:s + max_group]
+            groups.append(FactGroup(part, enc.select(part), spans[part], torch.as_tensor(targets)[part]))
+    return groups
+
+
+def layer_windows(n_layers: int, size: int) -> list[list[int]]:
+    """For each layer ``l``, the window of ``size`` consecutive layers centred on it (clipped at
+    the ends): ``l - size // 2 .. l + (size - 1) // 2``."""
+    check_int("WINDOW", size, 1, n_layers)
+    return [list(range(max(0, c - size // 2), min(n_layers, c + (size - 1) // 2 + 1))) for c in range(n_layers)]
+
+
+def key_masks(length: int, span: tuple[int, int], has_bos: bool) -> dict[str, torch.Tensor]:
+    """Positions the last token may no longer read, per knockout kind: ``{kind: bool [length]}``.
+
+    * ``subject``: the subject's tokens;
+    * ``non-subject``: every other token except the last one and, where the tokenizer adds one, the
+      beginning-of-sequence token (blocking that attention sink breaks any model, whatever the fact);
+    * ``last``: the last token itself.
+    """
+    s, e = span
+    subj = torch.zeros(length, dtype=torch.bool)
+    subj[s:e] = True
+    last = torch.zeros(length, dtype=torch.bool)
+    last[-1] = True
+    other = ~subj & ~last
+    if has_bos:
+        other[0] = False
+    return {"subject": subj, "non-subject": other, "last": last}
+
+
+def _has_bos(model, group: FactGroup) -> bool:
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    return bos is not None and bool((group.batch.input_ids[:, 0] == bos).all())
+
+
+def _plan(model, group: FactGroup, kinds: Sequence[str], windows: Sequence[Sequence[int]]):
+    """Rows of the sweep for each fact: row 0 clean, then one row per (kind, window).
+
+    Returns ``keep`` ``[F, 1 + K*W, n]`` (1 = the last token may read that position) and
+    ``active`` ``[n_layers, 1 + K*W]`` (whether that row is knocked out at that layer)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ParameterError(f"unknown knockout kinds {bad}; valid: {list(KINDS)}")
+    n, F = group.length, len(group.index)
+    bos = _has_bos(model, group)
+    R = 1 + len(kinds) * len(windows)
+    keep = torch.ones(F, R, n)
+    active = torch.zeros(model.num_layers, R, dtype=torch.bool)
+    for f in range(F):
+        masks = key_masks(n, tuple(group.spans[f].tolist()), bos)
+        r = 1
+        for kind in kinds:
+            for win in windows:
+                keep[f, r, masks[kind]] = 0.0
+                active[list(win), r] = True
+                r += 1
+    return keep, active
+
+
+def prefix_cache(model, group: FactGroup, repeats: int):
+    """Keys and values of every prompt minus its last token, each repeated ``repeats`` times
+    (rows ordered fact-major), ready for a batch that feeds only the last tokens."""
+    dev = model_device(model)
+    ids = group.batch.input_ids[:, :-1].to(dev)
+    with torch.no_grad():
+        out = model._model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    cache = out.past_key_values
+    cache.reorder_cache(torch.arange(len(group.index), device=dev).repeat_interleave(repeats))
+    return cache
+
+
+def last_token_run(model, group: FactGroup, keep: torch.Tensor | None, active: torch.Tensor | None,
+                   repeats: int, read_layer=None):
+    """One traced forward of the last token of every prompt, ``repeats`` rows per fact, against the
+    cached prefix; rows with ``active[L]`` set are knocked out at layer ``L`` by ``keep``.
+
+    ``keep``: ``[F * repeats, n]``; ``active``: ``[n_layers, F * repeats]``; both ``None`` for a
+    plain run. ``read_layer(model, layer)``, if given, is called inside the trace at every layer,
+    after that layer's knockout, to read what the layer computes; its values are returned as a list.
+    Returns ``(next-token probabilities [F * repeats, vocab], list of read_layer's values)``.
+    """
+    F, n = len(group.index), group.length
+    rows = F * repeats
+    dev = model_device(model)
+    cache = prefix_cache(model, group, repeats)
+    ids = group.batch.input_ids[:, -1:].repeat_interleave(repeats, 0).to(dev)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(rows, n, dtype=torch.long, device=dev)}
+    if keep is not None:
+        keep = keep.to(dev)
+        active = active.to(dev)
+    with torch.no_grad(), model.trace(inputs, cache=cache, use_cache=True):
+        extra = list().save()
+        for layer in range(model.num_layers):
+            if keep is not None and bool(active[layer].any()):
+                k = torch.where(active[layer][:, None], keep, torch.ones_like(keep))  # [rows, n]
+                p = model.attention_probabilities[layer]  # [rows, heads, 1, n]
+                q = p[:, :, -1] * k[:, None, :].to(p.dtype)
+                p[:, :, -1] = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+            if read_layer is not None:
+                extra.append(read_layer(model, layer))
+        probs = model.logits[:, -1].float().softmax(-1).save()
+    return probs.cpu(), [x.cpu() for x in extra]
+
+
+def knockout_sweep(model, group: FactGroup, kinds: Sequence[str] = KINDS,
+                   windows: Sequence[Sequence[int]] | None = None, window: int = 9) -> torch.Tensor:
+    """Probability of each fact's target after every (kind, window) knockout, in one forward.
+
+    Returns ``[F, 1 + len(kinds) * len(windows)]``: column 0 is the clean run, then the kinds in
+    order, each over the windows in order (default: a ``window``-layer window around every layer).
+    """
+    if windows is None:
+        windows = layer_windows(model.num_layers, window)
+    keep, active = _plan(model, group, kinds, windows)
+    F, R, n = keep.shape
+    probs, _ = last_token_run(model, group, keep.reshape(F * R, n), active.repeat(1, F), R)
+    return probs.reshape(F, R, -1)[torch.arange(F)[:, None], torch.arange(R)[None], group.target[:, None]]
+
+
+def knockout_sweep_looped(model, group: FactGroup, kinds: Sequence[str] = KINDS,
+                          windows: Sequence[Sequence[int]] | None = None, window: int = 9) -> torch.Tensor:
+    """The same sweep as :func:`knockout_sweep`, one full forward per fact and intervention (the
+    reference implementation the batched one is tested and benchmarked against)."""
+    if windows is None:
+        windows = layer_windows(model.num_layers, window)
+    keep, active = _plan(model, group, kinds, windows)
+    F, R, n = keep.shape
+    out = torch.empty(F, R)
+    dev = model_device(model)
+    keep = keep.to(dev)
+    for f in range(F):
+        ids = group.batch.input_ids[f:f + 1].to(dev)
+        for r in range(R):
+            with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+                for layer in range(model.num_layers):
+                    if not bool(active[layer, r]):
+                        continue
+                    p = model.attention_probabilities[layer]  # [1, heads, n, n]
+                    q = p[:, :, -1] * keep[f, r][None, None, :].to(p.dtype)
+                    p[:, :, -1] = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+                pr = model.logits[0, -1].float().softmax(-1)[int(group.target[f])].save()
+            out[f, r] = pr.cpu()
+    return out
+
+
+def sweep_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets: torch.Tensor,
+                kinds: Sequence[str] = KINDS, window: int = 9, max_group: int = 16, progress: bool = True) -> torch.Tensor:
+    """:func:`knockout_sweep` over many prompts, grouped by token length, with a progress bar.
+    Returns ``[N, 1 + len(kinds) * n_layers]`` target probabilities in the order of ``prompts``."""
+    from tqdm.auto import tqdm
+
+    windows = layer_windows(model.num_layers, window)
+    groups = group_facts(model, prompts, subjects, targets, max_group)
+    out = torch.empty(len(prompts), 1 + len(kinds) * len(windows))
+    for g in tqdm(groups, desc="attention knockout", disable=not progress):
+        out[g.index] = knockout_sweep(model, g, kinds, windows)
+    return out

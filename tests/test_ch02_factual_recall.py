@@ -1,0 +1,41 @@
+"""Chapter 2 (factual recall): properties its recorded results must have, whatever the model shows."""
+
+import math
+
+import pytest
+
+from lmbook.facts import load_facts
+
+pytestmark = pytest.mark.chapters
+
+
+def test_smoke_results(smoke_run):
+    run = smoke_run("02_factual_recall")
+    r, p = run.results, run.params
+    facts = load_facts(p["FACTS_PATH"])
+    assert r["model"] == p["MODEL"]
+    assert r["n_facts"] == len(facts) and r["n_relations"] == len({f.relation for f in facts})
+    # counts match the data
+    table = {row["relation"]: row for row in r["known_by_relation"]}
+    assert table["all"]["facts"] == len(facts)
+    assert sum(row["facts"] for k, row in table.items() if k != "all") == len(facts)
+    assert table["all"][p["MODEL"]] == r["n_known"] <= len(facts)
+    assert 0.0 <= r["known_rate"] <= 1.0 and r["known_rate"] == pytest.approx(r["n_known"] / len(facts))
+    assert r["n_used"] == min(p["MAX_FACTS"], r["n_known"])
+    # knockout: relative changes are >= -100%, layers in range
+    for key in ["ko_subject_min", "ko_nonsubject_min", "ko_last_min"]:
+        assert r[key] >= -100.0
+    curves = r["ko_curves"][p["MODEL"]]
+    n_layers = len(curves["subject"])
+    assert 0 <= r["ko_subject_min_layer"] < n_layers and 0.0 <= r["ko_subject_min_depth"] <= 1.0
+    # rates lie in [0, 100] (percent) and intervals bracket their means
+    for key in ["rate_subject_last_peak", "rate_last_peak", "rate_subject_first_peak", "enrich_clean",
+                "enrich_mlp_early", "enrich_attn_early"]:
+        assert 0.0 <= r[key] <= 100.0
+    for key in ["attention", "mlp", "attention_blocked", "mlp_blocked"]:
+        assert 0.0 <= r[f"extract_{key}_lo"] <= r[f"extract_{key}"] <= r[f"extract_{key}_hi"] <= 100.0
+    assert 0 <= r["enrich_read_layer"] < n_layers
+    # causal tracing: probabilities, and the corrupted run is no better than chance of exceeding 1
+    if p.get("N_TRACE", 1) > 0:
+        assert 0.0 <= r["trace_p_corrupt"] <= 1.0 and 0.0 < r["trace_p_clean"] <= 1.0
+        assert math.isfinite(r["trace_mlp_subject_last_peak"])
