@@ -19,7 +19,7 @@ from .params import ParameterError, check_file, check_int
 from .tokens import encode, first_token_ids
 
 __all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "known_mask", "recall_accuracy",
-           "STOPWORDS", "related_token_sets"]
+           "STOPWORDS", "related_token_sets", "word_pieces"]
 
 FACT_FIELDS = {"id": str, "relation": str, "subject": str, "template": str, "prompt": str, "attribute": str}
 
@@ -140,6 +140,15 @@ def _norm(token_text: str) -> str:
     return token_text.strip().lower()
 
 
+def word_pieces(model, word: str) -> set[str]:
+    """The word itself and the texts (stripped, lower-cased) of the model's tokens for it, with and
+    without a leading space, so that a sub-word token such as " Par" of " Paris" can match, as in
+    Geva et al.'s token-level sets."""
+    tok = getattr(model, "tokenizer", model)
+    ids = tok(" " + word, add_special_tokens=False)["input_ids"] + tok(word, add_special_tokens=False)["input_ids"]
+    return {_norm(tok.decode([i])) for i in ids} | {word.lower()}
+
+
 def related_token_sets(model, facts: Sequence[Fact], descriptions: dict[str, str]) -> dict[str, frozenset[str]]:
     """Per subject, the set of content words related to it (lower-cased strings), for the
     attributes rate of chapter 2.
@@ -157,13 +166,8 @@ def related_token_sets(model, facts: Sequence[Fact], descriptions: dict[str, str
         words = by_subject.setdefault(f.subject, set())
         words.update(w.lower() for w in _WORD.findall(descriptions[f.subject]))
         words.update(w.lower() for w in _WORD.findall(f.attribute))
-    tok = getattr(model, "tokenizer", model)
-
     def pieces(word: str) -> set[str]:
-        # the model's own tokens of the word (with and without a leading space), so sub-word
-        # tokens such as " Par" of " Paris" can match, as in Geva et al.'s token-level sets
-        ids = tok(" " + word, add_special_tokens=False)["input_ids"] + tok(word, add_special_tokens=False)["input_ids"]
-        return {_norm(tok.decode([i])) for i in ids} | {word}
+        return word_pieces(model, word)
 
     def content(items: set[str]) -> set[str]:
         return {w for w in items if len(w) > 2 and w not in STOPWORDS}
