@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.tokens import decode_tokens, encode, first_token_ids, token_span
+from lmbook.tokens import decode_tokens, encode, first_token_ids, pad_ids, token_span
 from tiny import make_tokenizer
 
 TOK = make_tokenizer()
@@ -48,3 +48,14 @@ def test_first_token_ids():
     ids = first_token_ids(TOK, ["paris", "rome"])
     assert ids.tolist() == [TOK.convert_tokens_to_ids("paris"), TOK.convert_tokens_to_ids("rome")]
     assert ids.dtype == torch.long
+
+
+def test_pad_ids_on_either_side():
+    right = pad_ids(TOK, ["a", "b"], [[5, 6, 7], [8]])
+    assert right.input_ids.tolist() == [[5, 6, 7], [8, TOK.pad_token_id, TOK.pad_token_id]]
+    assert right.last.tolist() == [2, 0] and right.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = pad_ids(TOK, ["a", "b"], [[5, 6, 7], [8]], side="left")
+    assert left.input_ids.tolist() == [[5, 6, 7], [TOK.pad_token_id, TOK.pad_token_id, 8]]
+    assert left.last.tolist() == [2, 2] and left.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ParameterError, match="side"):
+        pad_ids(TOK, ["a"], [[5]], side="middle")

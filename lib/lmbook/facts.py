@@ -7,7 +7,6 @@ before and after further pretraining. The schema is documented in ``data/facts/R
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .models import final_logits, trace
-from .params import ParameterError, check_file, check_int
+from .params import ParameterError, check_file, check_int, read_jsonl
 from .tokens import encode, first_token_ids
 
 __all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "known_mask", "recall_accuracy",
@@ -34,19 +33,6 @@ class Fact:
     attribute: str  # without the leading space; the model sees " " + attribute after the prompt
 
 
-def _read_jsonl(path: Path, name: str):
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ParameterError(f"{name} {path}, line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ParameterError(f"{name} {path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
-        yield lineno, rec
-
-
 def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_PATH") -> list[Fact]:
     """Read and validate a facts file (JSON lines; fields in ``data/facts/README.md``).
 
@@ -56,7 +42,7 @@ def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_P
     """
     path = check_file(name, path)
     facts, seen = [], {}
-    for lineno, rec in _read_jsonl(path, name):
+    for lineno, rec in read_jsonl(path, name):
         where = f"{name} {path}, line {lineno}"
         missing = set(FACT_FIELDS) - set(rec)
         extra = set(rec) - set(FACT_FIELDS)
@@ -86,7 +72,7 @@ def load_descriptions(path: str | Path = "data/facts/subjects.jsonl", name: str 
     """``{subject: description}`` from a JSON-lines file of ``{"subject", "description"}`` records."""
     path = check_file(name, path)
     out: dict[str, str] = {}
-    for lineno, rec in _read_jsonl(path, name):
+    for lineno, rec in read_jsonl(path, name):
         if set(rec) != {"subject", "description"} or not all(isinstance(v, str) and v.strip() for v in rec.values()):
             raise ParameterError(f"{name} {path}, line {lineno}: expected non-empty string fields 'subject' and 'description'")
         if rec["subject"] in out:

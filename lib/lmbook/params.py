@@ -109,3 +109,22 @@ def check_pairs(name: str, value: Any, min_len: int = 1) -> list[tuple[str, str]
             raise ParameterError(f"{name}[{i}] must be a [prompt, answer] pair of non-empty strings, got {pair!r}")
         out.append((pair[0], pair[1]))
     return out
+
+
+def read_jsonl(path: Path, name: str = ""):
+    """Yield ``(line number, record)`` for each non-blank line of a JSON-lines file. A line that is
+    not a JSON object raises :class:`ParameterError` naming the parameter (if given), the file and
+    the line."""
+    import json
+
+    where = f"{name} {path}" if name else str(path)
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ParameterError(f"{where}, line {lineno}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+        if not isinstance(rec, dict):
+            raise ParameterError(f"{where}, line {lineno}: expected a JSON object, got {type(rec).__name__}: {line[:80]!r}")
+        yield lineno, rec

@@ -14,7 +14,7 @@ import torch
 
 from .params import ParameterError
 
-__all__ = ["Batch", "encode", "token_span", "first_token_ids", "decode_tokens"]
+__all__ = ["Batch", "encode", "pad_ids", "token_span", "first_token_ids", "decode_tokens"]
 
 
 @dataclasses.dataclass
@@ -65,17 +65,28 @@ def encode(model_or_tokenizer, prompts: str | Sequence[str]) -> Batch:
         raise ParameterError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
     prompts = list(prompts)
     enc = [tok(p, return_offsets_mapping=getattr(tok, "is_fast", False)) for p in prompts]
-    width = max(len(e["input_ids"]) for e in enc)
+    batch = pad_ids(tok, prompts, [e["input_ids"] for e in enc])
+    if "offset_mapping" in enc[0]:
+        batch.offsets = [list(map(tuple, e["offset_mapping"])) for e in enc]
+    return batch
+
+
+def pad_ids(model_or_tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int]], side: str = "right") -> Batch:
+    """A :class:`Batch` of already tokenised rows, padded on ``side`` with the tokenizer's pad token
+    (its EOS token where it has none). With left padding, ``last`` is the final column for every row."""
+    if side not in ("right", "left"):
+        raise ParameterError(f"side must be 'right' or 'left', got {side!r}")
+    tok = _tokenizer(model_or_tokenizer)
+    width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, e in enumerate(enc):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-    last = mask.sum(1) - 1
-    offsets = [list(map(tuple, e["offset_mapping"])) for e in enc] if "offset_mapping" in enc[0] else None
-    return Batch(prompts, ids, mask, last, offsets)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(ids):
+        sl = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        input_ids[i, sl] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, sl] = 1
+    last = mask.sum(1) - 1 if side == "right" else torch.full((len(ids),), width - 1)
+    return Batch(list(texts), input_ids, mask, last, None)
 
 
 def token_span(batch: Batch, row: int, substring: str, occurrence: str = "last") -> tuple[int, int]:

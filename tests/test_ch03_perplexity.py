@@ -1,0 +1,69 @@
+"""Chapter 3 (perplexity pitfalls): properties its recorded results must have, whatever the model shows."""
+
+import json
+import math
+
+import papermill as pm
+import pytest
+
+from conftest import ROOT, smoke_params
+
+pytestmark = pytest.mark.chapters
+
+
+def test_smoke_results(smoke_run):
+    run = smoke_run("03_perplexity")
+    res, params = run.results, run.params
+    assert res["model"] == params["MODEL"]
+    assert res["n_domains"] == len(params["CORPORA"]) == len(res["corpora"])
+    models = set(params["COMPARE_MODELS"]) | {params["MODEL"]}
+    assert res["n_scored_models"] == len(models)
+    assert 0 <= res["rank_flips"] <= res["n_domains"]
+    for c in res["corpora"]:
+        assert c["train documents"] > 0 and c["test documents"] > 0
+        assert 0 < c["test characters"] <= params["TEST_CHARS"] and c["train characters"] <= params["TRAIN_CHARS"]
+
+    # bits per byte and perplexity are two views of the same total loss
+    assert len(res["scores"]) == len(models) * res["n_domains"]
+    for s in res["scores"]:
+        assert s["bits_per_byte"] == pytest.approx(s["nats"] / math.log(2) / s["bytes"], rel=1e-9)
+        assert s["ppl"] == pytest.approx(math.exp(s["nats"] / s["tokens"]), rel=1e-9)
+        assert s["bits_per_byte"] == pytest.approx(math.log2(s["ppl"]) / s["bytes_per_token"], rel=1e-9)
+    for s in res["token_shares"]:
+        assert 0 <= s["loss share of whitespace"] <= 1 and 0 < s[f"loss share of top {res['top_k']} types"] <= 1
+
+    # every run starts from the base model: zero training steps leave perplexity unchanged
+    assert res["n_runs"] == len(params["CORPORA"]) * len(params["LRS"])
+    start = [c for c in res["curves"] if c["step"] == 0]
+    assert len(start) == res["n_runs"] * res["n_domains"]
+    assert all(c["delta bpb"] == 0 for c in start)
+    base = {(s["domain"]): s["bits_per_byte"] for s in res["scores"] if s["model"] == params["MODEL"]}
+    for c in start:
+        assert c["bits_per_byte"] == pytest.approx(base[c["test domain"]], rel=1e-4)
+
+    # the per-token decomposition of each change adds up to the change of the mean loss
+    classes = ["newline", "space", "punctuation", "digits", "word", "other"]
+    for c in res["contributions"]:
+        assert sum(c[k] for k in classes) == pytest.approx(c["total"], abs=1e-6)
+
+    # knowledge
+    assert 0 <= res["recall_base"] <= 1 and res["n_facts"] == params["FACTS_LIMIT"]
+    for r in res["recall"]:
+        assert r["recall before"] == pytest.approx(res["recall_base"])
+        assert r["recall after"] - r["recall before"] == pytest.approx((r["gained"] - r["lost"]) / res["n_facts"])
+        assert r["low"] <= r["change"] <= r["high"]
+
+
+def test_bad_corpora_fail_at_once(tmp_path):
+    params = smoke_params("03_perplexity", tmp_path / "results")
+    params["CORPORA"] = ["licences", "no-such-corpus"]
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "chapters" / "03_perplexity.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters=params, kernel_name="python3", progress_bar=False)
+    assert e.value.ename == "ParameterError"
+    assert "no-such-corpus" in e.value.evalue and "python-docs" in e.value.evalue
+    nb = json.loads((tmp_path / "out.ipynb").read_text())
+    failed = [i for i, c in enumerate(nb["cells"]) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    injected = next(i for i, c in enumerate(nb["cells"]) if "injected-parameters" in c.get("metadata", {}).get("tags", []))
+    assert failed == [next(i for i, c in enumerate(nb["cells"]) if i > injected and c["cell_type"] == "code")]
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,34 @@
+"""Chapter 4 (activation addition): properties its recorded results must have, whatever the model shows."""
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.chapters
+
+
+def test_smoke_results(smoke_run):
+    run = smoke_run("04_activation_addition")
+    r, params = run.results, run.params
+    assert r["model"] == params["MODEL"]
+    assert r["sweep_layers"] == sorted(params["LAYERS"])
+    assert r["coeffs"] == [float(c) for c in params["COEFFS"]]
+    shape = (len(r["sweep_layers"]), len(r["coeffs"]))
+    for key in ("sentiment_effect", "topic_rate", "ppl_ratio_sentiment", "ppl_ratio_topic"):
+        grid = r[key]
+        assert (len(grid), len(grid[0])) == shape, key
+        assert all(math.isfinite(x) for row in grid for x in row), key
+    assert r["zero_coeff_max_diff"] == 0.0, "a zero coefficient must change nothing"
+    assert all(0.0 <= x <= 1.0 for row in r["topic_rate"] for x in row)
+    assert 0.0 <= r["topic_rate_base"] <= 1.0
+    assert all(x > 0 for row in r["ppl_ratio_sentiment"] + r["ppl_ratio_topic"] for x in row)
+    assert r["ppl_base"] > 1.0
+    for name in ("sentiment", "topic"):
+        assert r[f"{name}_layer"] in r["sweep_layers"] and r[f"{name}_coeff"] in r["coeffs"]
+        if r[f"{name}_within_budget"]:
+            assert r[f"{name}_ppl_ratio"] <= params.get("MAX_PPL_RATIO", 1.25)
+    assert r["sentiment_effect_best"] <= r["sentiment_effect_max"] + 1e-9
+    assert r["topic_rate_best"] <= r["topic_rate_max"] + 1e-9
+    n = params["N_EXAMPLE_SAMPLES"]
+    assert len(r["examples"]) == 2 * 2 * n
+    assert sum(e["steering"] == "none" for e in r["examples"]) == 2 * n
