@@ -65,10 +65,12 @@ class Recorder:
         check_type("key", key, str)
         self.results[key] = to_jsonable(value)
         self._save()
-        if (self.glue if glue is None else glue) and isinstance(self.results[key], (int, float, str)):
+        shown = self.results[key]
+        if shown is None:
+            shown = float("nan")  # a missing number (NaN, or None) reads "nan" in the text, whatever its format
+        if (self.glue if glue is None else glue) and isinstance(shown, (int, float, str)):
             from myst_nb import glue as nb_glue
 
-            shown = self.results[key]
             nb_glue(key, _Plain(shown) if isinstance(shown, str) else shown, display=False)
         return value
 
