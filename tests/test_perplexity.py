@@ -204,3 +204,9 @@ def test_licence_corpus_keeps_each_licence_once():
     assert len(docs) >= 3 and all(t.strip() for t in docs.values())
     assert len({_licence_key(t) for t in docs.values()}) == len(docs)
     assert all(".dist-info/" in name for name in docs)
+    # only the distributions pinned in constraints.txt: a package installed by hand does not change the corpus
+    from lmbook.corpora import _normalise, _pinned_packages
+
+    pinned = _pinned_packages()
+    assert pinned and "torch" in pinned and "pip" not in pinned
+    assert all(_normalise(n.split(".dist-info/")[0].rsplit("-", 1)[0]) in pinned for n in docs)

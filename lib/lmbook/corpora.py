@@ -11,7 +11,7 @@ Built-in corpora need no download: they come from the Python installation that r
 from ``data/``. Provenance and licence of each are in ``data/corpora/<name>/README.md``.
 
 * ``licences``: the licence texts (``LICENSE*``, ``COPYING*``, ``NOTICE*``) that the installed
-  Python packages ship in their ``*.dist-info`` folders, each distinct text once (legal prose written
+  Python packages pinned in ``constraints.txt`` ship in their ``*.dist-info`` folders, each distinct text once (legal prose written
   by people, very common on the web). One document per file.
 * ``python-docs``: the Python language reference as plain text, from the standard library's
   ``pydoc_data/topics.py`` (PSF licence). One document per topic.
@@ -75,11 +75,28 @@ def _licence_key(text: str) -> bytes:
     return hashlib.sha256(re.sub(r"\W+", " ", " ".join(lines)).strip().encode("utf-8")).digest()
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pinned_packages() -> set[str] | None:
+    """The distributions pinned in the project's ``constraints.txt`` (None without that file), so
+    that a package installed by hand beside the book's environment does not change the corpus."""
+    path = project_path("constraints.txt")
+    if not path.is_file():
+        return None
+    names = (ln.split("==")[0].strip() for ln in path.read_text(encoding="utf-8").splitlines() if "==" in ln)
+    return {_normalise(n) for n in names if n and not n.startswith("#")}
+
+
 def _licences() -> dict[str, str]:
     import sysconfig
 
     site = Path(sysconfig.get_paths()["purelib"])
-    files = sorted(f for d in site.glob("*.dist-info") for f in d.rglob("*")
+    pinned = _pinned_packages()
+    dists = [d for d in site.glob("*.dist-info")
+             if pinned is None or _normalise(d.name[: -len(".dist-info")].rsplit("-", 1)[0]) in pinned]
+    files = sorted(f for d in dists for f in d.rglob("*")
                    if f.is_file() and f.name.upper().startswith(_LICENCE_PREFIXES))
     out, seen = {}, set()
     for f in files:
