@@ -11,7 +11,7 @@ from lmbook.patching import hidden_states
 from lmbook.refusal import (REFUSAL_SUBSTRINGS, ablated_residuals, encode_prompts, format_instructions, generate,
                             is_refusal, kl_divergence, last_logprobs, mean_diff_directions, post_instruction_positions,
                             project_out, refusal_rate, refusal_score, select_direction, text_nll, wilson_interval)
-from lmbook.steering import token_nll
+from lmbook.perplexity import logits_nll
 from lmbook.tokens import Batch
 
 HARMFUL = ["the eiffel tower is located in the city of", "michael jordan plays the sport of", "the capital of italy is"]
@@ -197,7 +197,7 @@ def test_select_direction_and_text_nll(llama):
     # text_nll without intervention is the model's own loss
     s, c = text_nll(llama, hb)
     logits = llama._model(**hb.inputs()).logits
-    torch.testing.assert_close(s, token_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, logits_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1), rtol=1e-4, atol=1e-4)
     assert torch.equal(c, hb.attention_mask[:, 1:].sum(-1))
 
 

@@ -5,8 +5,9 @@ import torch
 
 from lmbook import ParameterError
 from lmbook.patching import hidden_states
+from lmbook.perplexity import logits_nll
 from lmbook.steering import (contrast_vector, encode_texts, log_odds, steered_generate, steered_nll,
-                             steered_target_logprobs, token_nll, word_rate)
+                             steered_target_logprobs, word_rate)
 from lmbook.tokens import encode
 
 PROMPTS = ["the eiffel tower is located in the city of", "michael jordan plays the sport of"]
@@ -83,14 +84,14 @@ def test_steering_adds_only_at_the_first_positions(llama):
     torch.testing.assert_close(s1 - s0, (nll[1] - nll[0]).reshape(1, 1), rtol=1e-4, atol=1e-4)
 
 
-def test_steered_nll_matches_token_nll_unsteered(llama):
+def test_steered_nll_matches_logits_nll_unsteered(llama):
     sv = contrast_vector(llama, "paris", "rome", layers=[1])
     batch = encode(llama, PROMPTS)
     s, c = steered_nll(llama, PROMPTS, sv, [(None, 0.0)], max_tokens=8)
     logits = llama._model(**batch.inputs()).logits
     mask = batch.attention_mask[:, 1:].clone()
     mask[:, :1] = 0
-    ref = token_nll(logits, batch.input_ids, mask).sum(-1)
+    ref = logits_nll(logits, batch.input_ids, mask).sum(-1)
     torch.testing.assert_close(s[0], ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(c[0], mask.sum(-1))
 
@@ -153,7 +154,7 @@ def test_steered_nll_with_a_prefix_scores_the_whole_text(llama):
     logits = llama._model(**b.inputs()).logits
     mask = b.attention_mask[:, 1:].clone()
     mask[:, :4] = 0
-    torch.testing.assert_close(s[0], token_nll(logits, b.input_ids, mask).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s[0], logits_nll(logits, b.input_ids, mask).sum(-1), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(s[0], s[1])
     with pytest.raises(ParameterError, match="prefix"):
         steered_nll(llama, [text], sv, [(1, 1.0)], prefix="a")

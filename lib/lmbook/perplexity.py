@@ -33,9 +33,10 @@ import torch
 
 from .models import trace
 from .params import ParameterError, check_int
-from .tokens import Batch
+from .tokens import Batch, adds_bos, pad_ids
+from .tokens import _tokenizer as _tok
 
-__all__ = ["Scored", "start_token_id", "encode_texts", "token_nll", "summarize", "token_texts", "token_class",
+__all__ = ["Scored", "start_token_id", "encode_texts", "token_nll", "logits_nll", "summarize", "token_texts", "token_class",
            "CLASSES", "token_table", "class_shares", "top_token_shares", "ppl_excluding", "layer_modules",
            "skip_lower_layers", "prefix_states", "cached_nll", "cached_last_top1", "top_layer_parameters", "restore_after",
            "AdaptResult", "adapt"]
@@ -69,16 +70,10 @@ class Scored:
         return Scored([self.texts[i] for i in idx], self.batch.select(idx), self.nbytes[idx])
 
 
-def _tok(model_or_tokenizer):
-    return getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-
-
 def start_token_id(tokenizer) -> int | None:
     """The token put before each scored text. ``None`` when the tokenizer adds its own (its BOS)."""
     tok = _tok(tokenizer)
-    with_special = tok("a")["input_ids"]
-    without = tok("a", add_special_tokens=False)["input_ids"]
-    if len(with_special) > len(without) and with_special[-len(without):] == without:
+    if adds_bos(tok):
         return None
     vocab = tok.get_vocab()
     if "<|endoftext|>" in vocab:  # the document separator of GPT-2-style pretraining data
@@ -99,14 +94,7 @@ def encode_texts(model_or_tokenizer, texts: Sequence[str]) -> Scored:
     for t in texts:
         ids = tok(t, add_special_tokens=start is None)["input_ids"]
         rows.append(([start] if start is not None else []) + list(ids))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    batch = Batch(list(texts), ids, mask, mask.sum(1) - 1, None)
+    batch = pad_ids(tok, texts, rows)
     nbytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.long)
     return Scored(list(texts), batch, nbytes)
 
@@ -120,12 +108,13 @@ def _batches(texts, batch_size: int):
         yield order[s:s + batch_size]
 
 
-def _nll_from_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T-1]`` next-token cross-entropy in nats, 0 at padding."""
+def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in nats: ``logits`` ``[B, T, V]`` predict ``input_ids[:, 1:]``;
+    returns ``[B, T-1]`` with 0 where ``target_mask`` (``[B, T-1]``) is 0."""
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none"
     )
-    return nll * mask[:, 1:].to(nll.device)
+    return nll * target_mask.to(nll.device)
 
 
 def token_nll(model, scored: Scored, batch_size: int = 4, states_after: int | None = None):
@@ -146,7 +135,7 @@ def token_nll(model, scored: Scored, batch_size: int = 4, states_after: int | No
         with torch.no_grad(), trace(model, sub):
             if states_after is not None:
                 h = model.layers_output[states_after].save()
-            nll = _nll_from_logits(model.logits, sub.input_ids, sub.attention_mask).save()
+            nll = logits_nll(model.logits, sub.input_ids, sub.attention_mask[:, 1:]).save()
         out[idx, : w - 1] = nll.float().cpu()
         if states is not None:
             states[idx, :w] = h.float().cpu()
@@ -343,7 +332,7 @@ def cached_nll(model, scored: Scored, states: torch.Tensor | None, n_frozen: int
             w = sub.input_ids.shape[1]
             logits = _forward_logits(model, stub if n_frozen else None,
                                      None if states is None else states[idx, :w], sub.input_ids, sub.attention_mask)
-            out[idx, : w - 1] = _nll_from_logits(logits, sub.input_ids, sub.attention_mask).float().cpu()
+            out[idx, : w - 1] = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:]).float().cpu()
     return out
 
 
@@ -469,7 +458,7 @@ def adapt(model, train: Scored, train_states, evals: dict, *, n_train_layers: in
                     logits = _forward_logits(model, stub if n_frozen else None,
                                              None if train_states is None else train_states[idx, :w],
                                              sub.input_ids, sub.attention_mask)
-                nll = _nll_from_logits(logits, sub.input_ids, sub.attention_mask)
+                nll = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:])
                 loss = nll.sum() / sub.attention_mask[:, 1:].sum().to(nll.device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

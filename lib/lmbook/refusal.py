@@ -264,20 +264,28 @@ def _check_add(model, add, B: int):
     return out
 
 
+def _prepare(model, ablate, add, B: int):
+    """The interventions for ``B`` rows: ``ablate`` as unit rows ``[B, d]`` (or None) and ``add`` as
+    ``{layer: [B, d]}``, checked."""
+    ablate = _rows(ablate, B, model.hidden_size)
+    return (None if ablate is None else _unit(ablate)), _check_add(model, add, B)
+
+
+def _row_chunks(model, batch: Batch, ablate, add, max_rows: int):
+    """Check the interventions once, then yield ``(sub-batch, its ablate rows, its add rows)``,
+    ``max_rows`` rows at a time."""
+    ablate, add = _prepare(model, ablate, add, len(batch))
+    for start in range(0, len(batch), max_rows):
+        idx = list(range(start, min(len(batch), start + max_rows)))
+        yield batch.select(idx), (None if ablate is None else ablate[idx]), {l: v[idx] for l, v in add.items()}
+
+
 def last_logprobs(model, batch: Batch, ablate=None, add=None, max_rows: int = 64) -> torch.Tensor:
     """Next-token log-probabilities after each prompt, ``[B, vocab]``, with ``ablate`` (``[d]`` or
     ``[B, d]``; normalised here) removed and ``add`` (``{layer: [d] or [B, d]}``) added; rows run
     ``max_rows`` at a time."""
-    B, d = len(batch), model.hidden_size
-    ablate = _rows(ablate, B, d)
-    ablate = None if ablate is None else _unit(ablate)
-    add = _check_add(model, add, B)
     out = []
-    for start in range(0, B, max_rows):
-        idx = list(range(start, min(B, start + max_rows)))
-        sub = batch.select(idx)
-        ab = None if ablate is None else ablate[idx]
-        ad = {l: v[idx] for l, v in add.items()}
+    for sub, ab, ad in _row_chunks(model, batch, ablate, add, max_rows):
         with torch.no_grad(), trace(model, sub, last_only=True):
             _intervene(model, ab, ad)
             lp = final_logits(model, sub, last_only=True).float().log_softmax(-1).save()
@@ -428,10 +436,7 @@ def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(model, prompts[start:start + batch_size], fmt, side="left")
-        B = len(batch)
-        ab = _rows(ablate, B, model.hidden_size)
-        ab = None if ab is None else _unit(ab)
-        ad = _check_add(model, add, B)
+        ab, ad = _prepare(model, ablate, add, len(batch))
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         with torch.no_grad(), model.generate(batch.inputs(), **kwargs) as tracer:
             if ab is not None or ad:
@@ -446,19 +451,13 @@ def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> 
     """Summed next-token negative log-likelihood of each text of a right-padded ``batch`` (every
     token after the first) under the intervention, and the number of tokens scored: two ``[B]``
     tensors. Perplexity is ``exp(sum / count)``."""
-    from .steering import token_nll
+    from .perplexity import logits_nll
 
-    B, d = len(batch), model.hidden_size
-    ablate = _rows(ablate, B, d)
-    ablate = None if ablate is None else _unit(ablate)
-    add = _check_add(model, add, B)
     sums = []
-    for start in range(0, B, max_rows):
-        idx = list(range(start, min(B, start + max_rows)))
-        sub = batch.select(idx)
+    for sub, ab, ad in _row_chunks(model, batch, ablate, add, max_rows):
         with torch.no_grad(), trace(model, sub):
-            _intervene(model, None if ablate is None else ablate[idx], {l: v[idx] for l, v in add.items()})
-            s = token_nll(model.logits, sub.input_ids, sub.attention_mask[:, 1:]).sum(-1).save()
+            _intervene(model, ab, ad)
+            s = logits_nll(model.logits, sub.input_ids, sub.attention_mask[:, 1:]).sum(-1).save()
         sums.append(s.cpu())
     return torch.cat(sums), batch.attention_mask[:, 1:].sum(-1)
 

@@ -43,7 +43,6 @@ __all__ = [
     "steered_target_logprobs",
     "steered_nll",
     "steered_generate",
-    "token_nll",
     "log_odds",
     "word_rate",
 ]
@@ -195,14 +194,6 @@ def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, c
             lp = final_logits(model, sub, last_only=True).float().log_softmax(-1)[:, targets].save()
         out.append(lp)
     return torch.cat(out).reshape(C, B, -1)
-
-
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each next token: ``logits`` ``[B, T, V]`` predict
-    ``input_ids[:, 1:]``; returns ``[B, T-1]`` with 0 where ``mask`` (``[B, T-1]``) is 0."""
-    lp = logits[:, :-1].float().log_softmax(-1)
-    nll = -lp.gather(-1, input_ids[:, 1:, None].to(lp.device))[..., 0]
-    return nll * mask.to(nll.device)
 
 
 def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix: str | None = None,

@@ -170,11 +170,9 @@ def prompt_prefix(model_or_tokenizer) -> str:
     stream grows huge, the "attention sink"), and a zero-shot prompt ``"fast →"`` is only two or
     three tokens. Chapter 6 shows what happens without the prefix.
     """
-    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    ids = tok("a")["input_ids"]
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    adds_bos = len(ids) > len(plain) and ids[0] in tok.all_special_ids
-    return "" if adds_bos else "\n"
+    from .tokens import adds_bos
+
+    return "" if adds_bos(model_or_tokenizer) else "\n"
 
 
 def zero_shot_prompt(query: str, prefix: str = "") -> str:

@@ -14,7 +14,7 @@ import torch
 
 from .params import ParameterError
 
-__all__ = ["Batch", "encode", "pad_ids", "token_span", "first_token_ids", "decode_tokens"]
+__all__ = ["Batch", "encode", "pad_ids", "adds_bos", "token_span", "first_token_ids", "decode_tokens"]
 
 
 @dataclasses.dataclass
@@ -54,6 +54,15 @@ class Batch:
 
 def _tokenizer(model_or_tokenizer):
     return getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+
+
+def adds_bos(model_or_tokenizer) -> bool:
+    """Whether the tokenizer puts a special token (its BOS) before every text it encodes."""
+    tok = _tokenizer(model_or_tokenizer)
+    with_special = tok("a")["input_ids"]
+    without = tok("a", add_special_tokens=False)["input_ids"]
+    return (len(with_special) > len(without) and with_special[-len(without):] == without
+            and with_special[0] in tok.all_special_ids)
 
 
 def encode(model_or_tokenizer, prompts: str | Sequence[str]) -> Batch:
