@@ -25,11 +25,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 # Dequantise the packaged models once into the cache ($$LMBOOK_MODEL_CACHE or ~/.cache/lmbook/models).
 models: $(STAMP)
-	$(BIN)/python -m lmbook.models
+	$(BIN)/python -m lmbook.core.models
 
 # The execution cache keys on notebook contents only: drop it when the library, data or pins change,
 # so the book never shows results computed by older code.
-LIB_HASH := $(shell cat lib/lmbook/*.py requirements.txt $$(find data -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16)
+LIB_HASH := $(shell cat $$(find lib/lmbook -name "*.py" | sort) requirements.txt $$(find data -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16)
 
 book: models
 	@mkdir -p _build

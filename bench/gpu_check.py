@@ -23,19 +23,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny  # noqa: E402
 
-from lmbook.arithmetic import sublayer_writes  # noqa: E402
-from lmbook.causal_tracing import causal_trace  # noqa: E402
-from lmbook.finetune import attach_lora  # noqa: E402
-from lmbook.patching import hidden_states  # noqa: E402
-from lmbook.perplexity import cached_nll, encode_texts, prefix_states, token_nll  # noqa: E402
-from lmbook.refusal import ablated_residuals, encode_prompts, last_logprobs  # noqa: E402
-from lmbook.steering import contrast_vector, steered_target_logprobs  # noqa: E402
-from lmbook.taskvectors import intervene_sweep, next_token  # noqa: E402
-from lmbook.knockout import group_facts, knockout_sweep, knockout_sweep_looped  # noqa: E402
-from lmbook.lens import logit_lens  # noqa: E402
-from lmbook.models import load_model, model_device  # noqa: E402
-from lmbook.patching import last_token_logprobs, patch_sweep  # noqa: E402
-from lmbook.tokens import encode  # noqa: E402
+from lmbook.experiments.arithmetic import sublayer_writes  # noqa: E402
+from lmbook.experiments.causal_tracing import causal_trace  # noqa: E402
+from lmbook.mechanisms.training import attach_lora  # noqa: E402
+from lmbook.mechanisms.interventions import hidden_states  # noqa: E402
+from lmbook.experiments.perplexity import cached_nll, encode_texts, prefix_states, token_nll  # noqa: E402
+from lmbook.experiments.refusal import ablated_residuals, encode_prompts, last_logprobs  # noqa: E402
+from lmbook.experiments.steering import contrast_vector, steered_target_logprobs  # noqa: E402
+from lmbook.experiments.taskvectors import intervene_sweep, next_token  # noqa: E402
+from lmbook.mechanisms.knockout import group_facts, knockout_sweep, knockout_sweep_looped  # noqa: E402
+from lmbook.mechanisms.readout import logit_lens  # noqa: E402
+from lmbook.core.models import load_model, model_device  # noqa: E402
+from lmbook.mechanisms.interventions import last_token_logprobs, patch_sweep  # noqa: E402
+from lmbook.core.tokens import encode  # noqa: E402
 
 PROMPTS = ["the eiffel tower is located in the city of", "michael jordan plays the sport of"]
 SUBJECTS = ["eiffel tower", "michael jordan"]
@@ -143,13 +143,13 @@ def protocol_checks(model) -> dict[str, float]:
     (error 0), or it fails (error inf, with the exception printed)."""
     import dataclasses
 
-    from lmbook.arithmetic import relation_edits, relation_lens
-    from lmbook.finetune import finetune
-    from lmbook.perplexity import adapt, restore_after, top_layer_parameters
-    from lmbook.refusal import generate, mean_diff_directions, select_direction, text_nll
-    from lmbook.steering import steered_generate, steered_nll
-    from lmbook.tasks import Task, split_task
-    from lmbook.taskvectors import run_function_vector, run_task_vectors
+    from lmbook.experiments.arithmetic import relation_edits, relation_lens
+    from lmbook.mechanisms.training import finetune
+    from lmbook.experiments.perplexity import adapt, restore_after, top_layer_parameters
+    from lmbook.experiments.refusal import generate, mean_diff_directions, select_direction, text_nll
+    from lmbook.experiments.steering import steered_generate, steered_nll
+    from lmbook.data.tasks import Task, split_task
+    from lmbook.experiments.taskvectors import run_function_vector, run_task_vectors
 
     out: dict[str, float] = {}
 

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from lmbook.facts import answer_token_ids, known_mask, load_facts
-from lmbook.knockout import KINDS, _plan, group_facts, knockout_sweep, knockout_sweep_looped, last_token_run, layer_windows
-from lmbook.models import load_model
+from lmbook.data.facts import answer_token_ids, known_mask, load_facts
+from lmbook.mechanisms.knockout import KINDS, _plan, group_facts, knockout_sweep, knockout_sweep_looped, last_token_run, layer_windows
+from lmbook.core.models import load_model
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:

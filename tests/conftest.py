@@ -64,7 +64,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs):
     """Each tiny checkpoint loaded through ``load_model``, as any local model would be."""
-    from lmbook.models import load_model
+    from lmbook.core.models import load_model
 
     return {f: load_model(str(d), device="cpu") for f, d in tiny_dirs.items()}
 

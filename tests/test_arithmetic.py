@@ -1,11 +1,11 @@
-"""Sublayer writes, the logit lens on given states, and switch layers (lmbook.arithmetic, chapter 7)."""
+"""Sublayer writes, the logit lens on given states, and switch layers (lmbook.experiments.arithmetic, chapter 7)."""
 
 import pytest
 import torch
 
 from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.arithmetic import (
+from lmbook.experiments.arithmetic import (
     copy_prompt,
     distinct_first_tokens,
     lens_logits,
@@ -15,8 +15,8 @@ from lmbook.arithmetic import (
     sublayer_writes,
     switch_layer,
 )
-from lmbook.lens import logit_lens
-from lmbook.tokens import encode
+from lmbook.mechanisms.readout import logit_lens
+from lmbook.core.tokens import encode
 
 
 def test_prompts():
@@ -92,7 +92,7 @@ def test_distinct_first_tokens():
 def test_relation_edits_end_to_end(llama):
     import dataclasses
 
-    from lmbook.arithmetic import relation_edits, relation_lens
+    from lmbook.experiments.arithmetic import relation_edits, relation_lens
 
     words = ["paris", "rome", "france", "italy", "red", "blue", "green", "one", "two", "three", "city", "tower"]
     pairs = list(zip(words[::2], words[1::2]))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lmbook.facts import load_facts
+from lmbook.data.facts import load_facts
 
 pytestmark = pytest.mark.chapters
 

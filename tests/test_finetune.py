@@ -1,13 +1,13 @@
-"""Unit tests of lmbook.finetune (chapter 5) on tiny random models (each test loads its own copy,
+"""Unit tests of lmbook.mechanisms.training (chapter 5) on tiny random models (each test loads its own copy,
 since fine-tuning changes the weights)."""
 
 import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.finetune import attach_lora, finetune, reply_loss, tokenize_pairs
-from lmbook.models import load_model
-from lmbook.refusal import encode_prompts, last_logprobs
+from lmbook.mechanisms.training import attach_lora, finetune, reply_loss, tokenize_pairs
+from lmbook.core.models import load_model
+from lmbook.experiments.refusal import encode_prompts, last_logprobs
 
 PAIRS = [("the capital of italy is", " rome"), ("the eiffel tower is in", " paris"),
          ("michael jordan plays", " basketball"), ("she speaks", " french")]

@@ -5,9 +5,9 @@ import torch
 
 from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.lens import emergence_layer, logit_lens
-from lmbook.patching import hidden_states, last_token_logprobs, patch_sweep, sublayer_norms
-from lmbook.tokens import encode
+from lmbook.mechanisms.readout import emergence_layer, logit_lens
+from lmbook.mechanisms.interventions import hidden_states, last_token_logprobs, patch_sweep, sublayer_norms
+from lmbook.core.tokens import encode
 from tiny import FAMILIES
 
 
@@ -105,7 +105,8 @@ def test_sublayer_norms_match_a_plain_forward(llama):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_only_logits_equal_full_logits(family, tiny_models):
-    from lmbook.models import final_logits, trace
+    from lmbook.core.models import trace
+    from lmbook.mechanisms.readout import final_logits
 
     model = tiny_models[family]
     b = encode(model, PROMPTS)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.models import (
+from lmbook.core.models import (
     PACKAGED_MODELS,
     ModelNotAvailableError,
     check_model_name,
@@ -16,7 +16,7 @@ from lmbook.models import (
     packaged_checkpoint,
     prepare_packaged,
 )
-from lmbook.tokens import encode
+from lmbook.core.tokens import encode
 from tiny import FAMILIES
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.corpora import check_corpora, load_documents, segment_text, split_documents, sample_segments
-from lmbook.perplexity import (
+from lmbook.data.corpora import check_corpora, load_documents, segment_text, split_documents, sample_segments
+from lmbook.experiments.perplexity import (
     CLASSES, adapt, cached_nll, class_shares, encode_texts, layer_modules, ppl_excluding, prefix_states,
     restore_after, skip_lower_layers, summarize, token_class, token_nll, token_table, top_layer_parameters,
     top_token_shares,
 )
-from lmbook.patching import last_token_logprobs
-from lmbook.perplexity import cached_last_top1
-from lmbook.tokens import encode
+from lmbook.mechanisms.interventions import last_token_logprobs
+from lmbook.experiments.perplexity import cached_last_top1
+from lmbook.core.tokens import encode
 from tiny import FAMILIES
 
 TEXTS = [
@@ -193,7 +193,7 @@ def test_bad_corpora_fail_with_clear_messages(tmp_path):
 
 
 def test_licence_corpus_keeps_each_licence_once():
-    from lmbook.corpora import BUILTIN_CORPORA, _licence_key
+    from lmbook.data.corpora import BUILTIN_CORPORA, _licence_key
 
     mit = "Permission is hereby granted, free of charge, to any person obtaining a copy\nof this software.\n"
     a = "Copyright (c) 2020 Alice\n\n" + mit
@@ -205,7 +205,7 @@ def test_licence_corpus_keeps_each_licence_once():
     assert len({_licence_key(t) for t in docs.values()}) == len(docs)
     assert all(".dist-info/" in name for name in docs)
     # only the distributions pinned in constraints.txt: a package installed by hand does not change the corpus
-    from lmbook.corpora import _normalise, _pinned_packages
+    from lmbook.data.corpora import _normalise, _pinned_packages
 
     pinned = _pinned_packages()
     assert pinned and "torch" in pinned and "pip" not in pinned

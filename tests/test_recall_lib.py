@@ -7,12 +7,12 @@ import torch
 
 from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.attributes import TokenText, attributes_rate, extraction_events, lens_topk, position_index, sublayer_knockout_topk
-from lmbook.causal_tracing import causal_trace, subject_embedding_std
-from lmbook.facts import load_descriptions, load_facts, known_mask, related_token_sets
-from lmbook.knockout import (KINDS, _plan, group_facts, key_masks, knockout_sweep, knockout_sweep_looped,
+from lmbook.experiments.recall import TokenText, attributes_rate, extraction_events, lens_topk, position_index, sublayer_knockout_topk
+from lmbook.experiments.causal_tracing import causal_trace, subject_embedding_std
+from lmbook.data.facts import load_descriptions, load_facts, known_mask, related_token_sets
+from lmbook.mechanisms.knockout import (KINDS, _plan, group_facts, key_masks, knockout_sweep, knockout_sweep_looped,
                              last_token_run, layer_windows)
-from lmbook.tokens import encode, token_span
+from lmbook.core.tokens import encode, token_span
 from tiny import FAMILIES
 
 SUBJECTS = ["eiffel tower", "michael jordan", "italy"]
@@ -56,7 +56,7 @@ def test_missing_facts_file(tmp_path):
 
 
 def test_related_tokens_exclude_subject_and_stopwords(llama):
-    from lmbook.facts import Fact
+    from lmbook.data.facts import Fact
 
     f = Fact("a", "r", "eiffel tower", "the {} is in", "the eiffel tower is in", "paris")
     sets = related_token_sets(llama.tokenizer, [f], {"eiffel tower": "The eiffel tower is a tower in paris and the city."})
@@ -67,8 +67,8 @@ def test_related_tokens_exclude_subject_and_stopwords(llama):
 
 
 def test_known_mask_counts_top1_hits(llama):
-    from lmbook.facts import Fact
-    from lmbook.patching import last_token_logprobs
+    from lmbook.data.facts import Fact
+    from lmbook.mechanisms.interventions import last_token_logprobs
 
     facts = [Fact(str(i), "r", "italy", "the capital of {} is", "the capital of italy is", w) for i, w in enumerate(["rome", "paris"])]
     top = int(last_token_logprobs(llama, encode(llama, ["the capital of italy is"]))[0].argmax())

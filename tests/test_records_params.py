@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.params import check_choice, check_file, check_float, check_int, check_layer, check_layers, check_type
-from lmbook.plotting import bootstrap_ci, model_color
-from lmbook.records import Recorder, load_results, to_jsonable
-from lmbook.seeding import set_seed
+from lmbook.core.params import check_choice, check_file, check_float, check_int, check_layer, check_layers, check_type
+from lmbook.core.plotting import model_color
+from lmbook.core.stats import bootstrap_ci
+from lmbook.core.records import Recorder, load_results, to_jsonable
+from lmbook.core.seeding import set_seed
 
 
 def test_recorder_round_trip(tmp_path):

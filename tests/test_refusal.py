@@ -1,4 +1,4 @@
-"""Unit tests of lmbook.refusal (chapter 5) on tiny random models."""
+"""Unit tests of lmbook.experiments.refusal (chapter 5) on tiny random models."""
 
 import copy
 import math
@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.patching import hidden_states
-from lmbook.refusal import (REFUSAL_SUBSTRINGS, ablated_residuals, encode_prompts, format_instructions, generate,
+from lmbook.mechanisms.interventions import hidden_states
+from lmbook.experiments.refusal import (REFUSAL_SUBSTRINGS, ablated_residuals, encode_prompts, format_instructions, generate,
                             is_refusal, kl_divergence, last_logprobs, mean_diff_directions, post_instruction_positions,
-                            project_out, refusal_rate, refusal_score, select_direction, text_nll, wilson_interval)
-from lmbook.perplexity import logits_nll
-from lmbook.tokens import Batch
+                            project_out, refusal_rate, refusal_score, select_direction, text_nll)
+from lmbook.core.stats import wilson_interval
+from lmbook.mechanisms.likelihood import logits_nll
+from lmbook.core.tokens import Batch
 
 HARMFUL = ["the eiffel tower is located in the city of", "michael jordan plays the sport of", "the capital of italy is"]
 HARMLESS = ["the colosseum is in rome", "she speaks french", "a big red tower in paris"]
@@ -202,8 +203,8 @@ def test_select_direction_and_text_nll(llama):
 
 
 def test_load_instructions(tmp_path):
-    from lmbook.params import project_path
-    from lmbook.refusal import load_instructions
+    from lmbook.core.params import project_path
+    from lmbook.experiments.refusal import load_instructions
 
     for kind in ("harmful", "harmless"):
         rows = load_instructions(project_path(f"data/instructions/{kind}.jsonl"))
@@ -225,7 +226,7 @@ def test_load_instructions(tmp_path):
 
 
 def test_promoted_tokens_reads_a_direction_through_the_unembedding(llama):
-    from lmbook.refusal import promoted_tokens
+    from lmbook.experiments.refusal import promoted_tokens
 
     tok = llama.tokenizer
     target = tok.convert_tokens_to_ids("paris")

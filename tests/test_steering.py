@@ -1,14 +1,14 @@
-"""Unit tests of lmbook.steering (chapter 4) on tiny random models."""
+"""Unit tests of lmbook.experiments.steering (chapter 4) on tiny random models."""
 
 import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.patching import hidden_states
-from lmbook.perplexity import logits_nll
-from lmbook.steering import (contrast_vector, encode_texts, log_odds, steered_generate, steered_nll,
+from lmbook.mechanisms.interventions import hidden_states
+from lmbook.mechanisms.likelihood import logits_nll
+from lmbook.experiments.steering import (contrast_vector, encode_texts, log_odds, steered_generate, steered_nll,
                              steered_target_logprobs, word_rate)
-from lmbook.tokens import encode
+from lmbook.core.tokens import encode
 
 PROMPTS = ["the eiffel tower is located in the city of", "michael jordan plays the sport of"]
 
@@ -39,7 +39,7 @@ def test_zero_coefficient_changes_nothing(gen_models):
         assert torch.equal(lp[0], lp[1]) and torch.equal(lp[0], lp[2])
         assert not torch.allclose(lp[0], lp[3])
         # ... and equals the unsteered model's own log-probabilities
-        from lmbook.patching import last_token_logprobs
+        from lmbook.mechanisms.interventions import last_token_logprobs
 
         torch.testing.assert_close(lp[0], last_token_logprobs(model, encode(model, PROMPTS))[:, targets], rtol=1e-5, atol=1e-5)
 
@@ -129,7 +129,7 @@ def gen_models(tiny_models):
 def test_fast_top_p_matches_transformers():
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from lmbook.steering import _TopP
+    from lmbook.experiments.steering import _TopP
 
     torch.manual_seed(0)
     for scale, p in [(1.0, 0.3), (3.0, 0.3), (0.1, 0.9), (5.0, 0.95)]:

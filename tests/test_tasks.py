@@ -1,4 +1,4 @@
-"""Task files, prompts and accuracy counting (lmbook.tasks, chapter 6)."""
+"""Task files, prompts and accuracy counting (lmbook.data.tasks, chapter 6)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.tasks import (
+from lmbook.data.tasks import (
     ARROW,
     accuracy,
     answer_token_ids,

@@ -5,8 +5,8 @@ import torch
 
 from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.patching import hidden_states
-from lmbook.taskvectors import (
+from lmbook.mechanisms.interventions import hidden_states
+from lmbook.experiments.taskvectors import (
     function_vector,
     greedy_generate,
     head_contributions,
@@ -17,7 +17,7 @@ from lmbook.taskvectors import (
     task_vectors,
     top_heads,
 )
-from lmbook.tokens import encode
+from lmbook.core.tokens import encode
 
 TARGETS = torch.tensor([5, 6, 7])
 
@@ -150,8 +150,8 @@ def test_top_heads_and_function_vector():
 
 
 def test_protocols_run_end_to_end(llama, tmp_path):
-    from lmbook.tasks import Task, split_task
-    from lmbook.taskvectors import run_function_vector, run_task_vectors
+    from lmbook.data.tasks import Task, split_task
+    from lmbook.experiments.taskvectors import run_function_vector, run_task_vectors
     from tiny import WORDS
 
     words = [w for w in WORDS if w not in ("the", "a")]
@@ -171,7 +171,7 @@ def test_protocols_run_end_to_end(llama, tmp_path):
 
 
 def test_greedy_patches_only_the_given_rows(llama):
-    from lmbook.taskvectors import greedy_tokens
+    from lmbook.experiments.taskvectors import greedy_tokens
 
     b = encode(llama, PROMPTS)
     plain = greedy_tokens(llama, b, 2)
@@ -185,7 +185,7 @@ def test_greedy_patches_only_the_given_rows(llama):
 
 
 def test_unembed_equals_the_models_logits(llama):
-    from lmbook.taskvectors import unembed
+    from lmbook.experiments.taskvectors import unembed
 
     b = encode(llama, PROMPTS)
     with torch.no_grad(), llama.trace(b.inputs()):
@@ -196,7 +196,7 @@ def test_unembed_equals_the_models_logits(llama):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_cached_greedy_equals_uncached(family, tiny_models):
-    from lmbook.taskvectors import cached_greedy_tokens, greedy_tokens
+    from lmbook.experiments.taskvectors import cached_greedy_tokens, greedy_tokens
 
     model = tiny_models[family]
     b = encode(model, PROMPTS)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.tokens import decode_tokens, encode, first_token_ids, pad_ids, token_span
+from lmbook.core.tokens import decode_tokens, encode, first_token_ids, pad_ids, token_span
 from tiny import make_tokenizer
 
 TOK = make_tokenizer()

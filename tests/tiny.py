@@ -1,7 +1,7 @@
 """Tiny random models of several architecture families, built from a config (no download).
 
 Used by the unit tests: each family is saved with a small word-level tokenizer to a folder and
-loaded through ``lmbook.models.load_model`` like any local checkpoint.
+loaded through ``lmbook.core.models.load_model`` like any local checkpoint.
 """
 
 from __future__ import annotations

@@ -8,6 +8,6 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-from .params import ParameterError  # noqa: E402
+from lmbook.core.params import ParameterError  # noqa: E402
 
 __all__ = ["PROJECT_ROOT", "ParameterError"]

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .params import ParameterError, check_float, check_int, check_type, project_path
+from lmbook.core.params import ParameterError, check_float, check_int, check_type, project_path
 
 __all__ = ["BUILTIN_CORPORA", "Corpus", "CorpusSource", "check_corpora", "load_documents",
            "split_documents", "segment_text", "sample_segments", "build_corpus"]
@@ -54,7 +54,7 @@ class CorpusSource:
 
 
 def _encyclopedia() -> dict[str, str]:
-    from .facts import load_descriptions
+    from lmbook.data.facts import load_descriptions
 
     return load_descriptions("data/facts/subjects.jsonl", name="the encyclopedia corpus")
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from .params import check_int
+from lmbook.core.params import check_int
 
 __all__ = ["set_seed"]
 

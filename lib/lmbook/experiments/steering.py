@@ -12,7 +12,7 @@ A coefficient of 0 adds an exact zero, so such a row computes exactly what the u
 (tested in ``tests/test_steering.py``).
 
 Every text starts with a start token: the tokenizer's beginning-of-sequence token where it adds one,
-else the one chapter 3 uses (:func:`lmbook.perplexity.start_token_id`, ``<|endoftext|>`` for
+else the one chapter 3 uses (:func:`lmbook.core.tokens.start_token_id`, ``<|endoftext|>`` for
 SmolLM2). Turner et al. prepend GPT-2's, so the vector's first position (start minus start, zero)
 lands on the attention sink and its content on the first real tokens. Without it the first word
 becomes the sink, and a vector added there barely moves the model.
@@ -31,10 +31,10 @@ from typing import Sequence
 
 import torch
 
-from .models import final_logits, trace
-from .perplexity import start_token_id
-from .params import ParameterError, check_float, check_int, check_layers
-from .tokens import Batch, decode_tokens, pad_ids
+from lmbook.core.models import trace
+from lmbook.mechanisms.readout import final_logits
+from lmbook.core.params import ParameterError, check_float, check_int, check_layers
+from lmbook.core.tokens import Batch, decode_tokens, pad_ids, pad_token_id, start_token_id
 
 __all__ = [
     "SteeringVector",
@@ -311,7 +311,7 @@ def steered_generate(
     tok = model.tokenizer
     ids = torch.tensor([_ids(tok, prompt)] * len(configs), dtype=torch.long)
     plan, n = _plan(sv, configs, 1, ids.shape[1])
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_token_id(tok))
     if sample:
         from transformers import LogitsProcessorList
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .models import final_logits, trace
-from .params import ParameterError, check_layers
-from .tokens import Batch
+from lmbook.core.models import trace
+from lmbook.mechanisms.readout import final_logits
+from lmbook.core.params import ParameterError, check_layers
+from lmbook.core.tokens import Batch
 
 __all__ = ["hidden_states", "sublayer_norms", "patch_sweep", "last_token_logprobs"]
 

@@ -24,7 +24,8 @@ from typing import Sequence
 
 import torch
 
-from .params import ParameterError, check_choice, check_float, check_int, check_layers
+from lmbook.core.params import ParameterError, check_choice, check_float, check_int, check_layers
+from lmbook.core.tokens import pad_token_id
 
 __all__ = ["FinetuneResult", "attach_lora", "finetune", "reply_loss", "tokenize_pairs"]
 
@@ -167,7 +168,7 @@ def finetune(
     hf = model._model
     tok = model.tokenizer
     data = tokenize_pairs(tok, pairs, add_special_tokens=add_special_tokens, end=end)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     gen = torch.Generator().manual_seed(seed)
     if method == "lora":
         lora = attach_lora(model, layers, rank, alpha, seed)
@@ -211,7 +212,7 @@ def reply_loss(model, pairs: Sequence[tuple[str, str]], add_special_tokens: bool
     """Mean reply-token loss of ``model`` on ``pairs`` (no gradient): for checking a fine-tune."""
     tok = model.tokenizer
     data = tokenize_pairs(tok, pairs, add_special_tokens=add_special_tokens, end=end)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):

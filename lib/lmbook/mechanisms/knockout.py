@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from .models import model_device
-from .params import ParameterError, check_int
-from .tokens import Batch, encode, token_span
+from lmbook.core.models import model_device
+from lmbook.core.params import ParameterError, check_int
+from lmbook.core.tokens import Batch, encode, token_span
 
 __all__ = ["KINDS", "FactGroup", "group_facts", "layer_windows", "key_masks", "knockout_sweep",
            "knockout_sweep_looped", "last_token_run", "prefix_cache"]

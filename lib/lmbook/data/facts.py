@@ -13,9 +13,10 @@ from typing import Sequence
 
 import torch
 
-from .models import final_logits, trace
-from .params import ParameterError, check_file, check_int, read_jsonl
-from .tokens import encode, first_token_ids
+from lmbook.core.models import trace
+from lmbook.mechanisms.readout import final_logits
+from lmbook.core.params import ParameterError, check_file, check_int, read_jsonl
+from lmbook.core.tokens import encode, first_token_ids
 
 __all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "known_mask", "recall_accuracy",
            "STOPWORDS", "related_token_sets", "word_pieces"]

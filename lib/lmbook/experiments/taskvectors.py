@@ -31,9 +31,9 @@ import dataclasses
 
 import torch
 
-from .models import trace
-from .params import ParameterError, check_int, check_layers
-from .tokens import Batch
+from lmbook.core.models import trace
+from lmbook.core.params import ParameterError, check_int, check_layers
+from lmbook.core.tokens import Batch, pad_token_id
 
 __all__ = [
     "last_token_states",
@@ -106,7 +106,7 @@ def _readings(model, h: torch.Tensor, targets: torch.Tensor | None, chunk: int =
 
 def last_token_states(model, batch: Batch, layers=None) -> torch.Tensor:
     """Residual stream after each of ``layers`` (default all) at each prompt's last token,
-    ``[L, B, d]``. Like :func:`lmbook.patching.hidden_states`, but the trace asks for logits at
+    ``[L, B, d]``. Like :func:`lmbook.mechanisms.interventions.hidden_states`, but the trace asks for logits at
     one position only, which with Gemma's 262k-token vocabulary is most of a forward's work."""
     layers = sorted(set(check_layers("layers", layers, model.num_layers)))
     rows, pos = batch.rows(), batch.last
@@ -255,7 +255,7 @@ def greedy_tokens(
     """
     check_int("n_tokens", n_tokens, 1)
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     ids = [batch.input_ids[i, : int(batch.last[i]) + 1].tolist() for i in range(len(batch))]
     vec = None
     if layer is not None:
@@ -293,7 +293,7 @@ def cached_greedy_tokens(model, prompts, n_tokens: int) -> list[list[int]]:
     the long few-shot prompts; its first ids equal :func:`next_token`'s (tested)."""
     check_int("n_tokens", n_tokens, 1)
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     side = tok.padding_side
     try:
         tok.padding_side = "left"
@@ -494,7 +494,7 @@ class TaskVectorRun:
 
 
 def _encode(model, prompts):
-    from .tokens import encode
+    from lmbook.core.tokens import encode
 
     return encode(model, prompts)
 
@@ -511,7 +511,7 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
     accuracy is the only one used on the test queries. Scores: first-token match, and on the
     test queries also greedy multi-token match.
     """
-    from .tasks import (answer_token_ids, first_token_correct, greedy_match, task_vector_prompts,
+    from lmbook.data.tasks import (answer_token_ids, first_token_correct, greedy_match, task_vector_prompts,
                         zero_shot_prompt)
 
     L = model.num_layers
@@ -577,7 +577,7 @@ def run_function_vector(model, split, k: int, n_clean: int, n_corrupted: int, n_
     """
     import random
 
-    from .tasks import (answer_token_ids, few_shot_prompts, first_token_correct,
+    from lmbook.data.tasks import (answer_token_ids, few_shot_prompts, first_token_correct,
                         shuffled_few_shot_prompts, zero_shot_prompt)
 
     rng = random.Random(f"{seed}:fv:{split.task}")

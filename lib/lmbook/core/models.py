@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .params import ParameterError
+from lmbook.core.params import ParameterError
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -45,8 +45,6 @@ __all__ = [
     "prepare_packaged",
     "packaged_checkpoint",
     "trace",
-    "final_logits",
-    "sublayer_updates",
     "model_device",
 ]
 
@@ -350,16 +348,13 @@ def _main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(_main())
-
 
 def trace(model, batch, last_only: bool = False, **kwargs):
-    """``model.trace`` over a :class:`lmbook.tokens.Batch`, on NDIF when the model was loaded remote.
+    """``model.trace`` over a :class:`lmbook.core.tokens.Batch`, on NDIF when the model was loaded remote.
 
     ``last_only=True`` asks the model for logits only at the positions that are some row's last
     token (``logits_to_keep``), which skips most of the unembedding: with Gemma's 262k-token
-    vocabulary that is more than half of a forward's work. Read them with :func:`final_logits`.
+    vocabulary that is more than half of a forward's work. Read them with :func:`lmbook.mechanisms.readout.final_logits`.
     """
     if last_only:
         kwargs["logits_to_keep"] = torch.unique(batch.last)
@@ -375,25 +370,5 @@ def model_device(model) -> torch.device:
     return next(model._model.parameters()).device
 
 
-def final_logits(model, batch, last_only: bool = False):
-    """Inside a :func:`trace`: the logits at each row's last token, ``[B, vocab]``; pass the same
-    ``last_only`` as the trace."""
-    if last_only:
-        col = torch.searchsorted(torch.unique(batch.last), batch.last)
-        return model.logits[batch.rows(), col]
-    return model.logits[batch.rows(), batch.last]
-
-
-def sublayer_updates(model, layer: int):
-    """Inside a trace: what the attention and the MLP sublayer of ``layer`` add to the residual
-    stream, as ``(attention_update, mlp_update)``, each ``[batch, seq, d]``.
-
-    For most families these are nnterp's ``attentions_output`` and ``mlps_output``. Gemma 2/3
-    normalise each sublayer's output again before adding it (``post_attention_layernorm``,
-    ``post_feedforward_layernorm``); there the update is that norm's output, which nnterp does not
-    name. Chapter 2 projects these updates to the vocabulary (attribute extraction).
-    """
-    block = model.layers[layer]
-    if hasattr(block, "post_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):
-        return block.post_attention_layernorm.output, block.post_feedforward_layernorm.output
-    return model.attentions_output[layer], model.mlps_output[layer]
+if __name__ == "__main__":
+    raise SystemExit(_main())

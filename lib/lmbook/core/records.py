@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .params import ParameterError, check_type, project_path
+from lmbook.core.params import ParameterError, check_type, project_path
 
 __all__ = ["Recorder", "load_results", "to_jsonable"]
 

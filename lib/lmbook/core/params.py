@@ -84,7 +84,7 @@ def project_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    from . import PROJECT_ROOT
+    from lmbook import PROJECT_ROOT
 
     return PROJECT_ROOT / p
 

@@ -15,10 +15,11 @@ import dataclasses
 
 import torch
 
-from .knockout import layer_windows
-from .models import final_logits, trace
-from .params import ParameterError, check_float, check_int
-from .tokens import Batch
+from lmbook.mechanisms.knockout import layer_windows
+from lmbook.core.models import trace
+from lmbook.mechanisms.readout import final_logits
+from lmbook.core.params import ParameterError, check_float, check_int
+from lmbook.core.tokens import Batch
 
 __all__ = ["TraceResult", "subject_embedding_std", "causal_trace", "KINDS"]
 

@@ -12,9 +12,10 @@ from typing import Sequence
 
 import torch
 
-from .params import ParameterError
+from lmbook.core.params import ParameterError
 
-__all__ = ["Batch", "encode", "pad_ids", "adds_bos", "token_span", "first_token_ids", "decode_tokens"]
+__all__ = ["Batch", "encode", "pad_ids", "pad_token_id", "adds_bos", "start_token_id", "token_span", "first_token_ids",
+           "decode_tokens"]
 
 
 @dataclasses.dataclass
@@ -65,6 +66,38 @@ def adds_bos(model_or_tokenizer) -> bool:
             and with_special[0] in tok.all_special_ids)
 
 
+def pad_token_id(model_or_tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0.
+
+    Written once for the whole library. A pad id of 0 is a real pad id (Gemma's), so the test is
+    ``is None``, never truthiness."""
+    tok = _tokenizer(model_or_tokenizer)
+    for tid in (tok.pad_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def start_token_id(model_or_tokenizer) -> int | None:
+    """The token every chapter puts before a text: ``None`` when the tokenizer adds its own BOS
+    (Gemma), else ``<|endoftext|>`` where the vocabulary has it (the document separator of
+    GPT-2-style pretraining data; SmolLM2's id 0), else the BOS or EOS token.
+
+    Position 0 is the attention sink; a model whose tokenizer adds no BOS would otherwise make the
+    first content token the sink. Interventions never touch this position (see
+    :mod:`lmbook.mechanisms.interventions`)."""
+    tok = _tokenizer(model_or_tokenizer)
+    if adds_bos(tok):
+        return None
+    vocab = tok.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return vocab["<|endoftext|>"]
+    for tid in (tok.bos_token_id, tok.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ParameterError("the tokenizer has no BOS, EOS or <|endoftext|> token to start a text with")
+
+
 def encode(model_or_tokenizer, prompts: str | Sequence[str]) -> Batch:
     """Tokenise ``prompts`` (special tokens such as BOS added as the model expects), right-padded."""
     tok = _tokenizer(model_or_tokenizer)
@@ -87,7 +120,7 @@ def pad_ids(model_or_tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int
         raise ParameterError(f"side must be 'right' or 'left', got {side!r}")
     tok = _tokenizer(model_or_tokenizer)
     width = max(map(len, ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, row in enumerate(ids):

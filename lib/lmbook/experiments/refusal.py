@@ -4,7 +4,7 @@ Introduced in chapter 5 ("A refusal direction the book creates, then finds"), af
 (2024). The pieces, each a small function:
 
 * :func:`refusal_rate`: does a completion refuse? Substring matching against a fixed list
-  (:data:`REFUSAL_SUBSTRINGS`, Arditi et al.'s list), and :func:`wilson_interval` for its uncertainty;
+  (:data:`REFUSAL_SUBSTRINGS`, Arditi et al.'s list), and :func:`lmbook.core.stats.wilson_interval` for its uncertainty;
 * :func:`format_instructions`: a request in the model's chat template (or a plain
   ``User:/Assistant:`` format for a model without one) and :func:`post_instruction_positions`, the
   template's tokens after the request, where candidate directions are read;
@@ -32,9 +32,10 @@ from typing import Sequence
 
 import torch
 
-from .models import final_logits, trace
-from .params import ParameterError, check_choice, check_float, check_int
-from .tokens import Batch, pad_ids
+from lmbook.core.models import trace
+from lmbook.mechanisms.readout import final_logits
+from lmbook.core.params import ParameterError, check_choice, check_float, check_int
+from lmbook.core.tokens import Batch, pad_ids, pad_token_id
 
 __all__ = [
     "SPLITS",
@@ -44,7 +45,6 @@ __all__ = [
     "PLAIN_TEMPLATE",
     "is_refusal",
     "refusal_rate",
-    "wilson_interval",
     "format_instructions",
     "post_instruction_positions",
     "encode_prompts",
@@ -70,7 +70,7 @@ def load_instructions(path) -> list[dict]:
 
     A malformed line raises :class:`ParameterError` naming the file and the line number.
     """
-    from .params import check_file, read_jsonl
+    from lmbook.core.params import check_file, read_jsonl
 
     path = check_file("instruction file", path)
     rows, seen = [], set()
@@ -121,19 +121,6 @@ def refusal_rate(texts: Sequence[str], substrings: Sequence[str] = REFUSAL_SUBST
         raise ParameterError(f"texts must be a list of strings, got {type(texts).__name__}")
     flags = [is_refusal(t, substrings) for t in texts]
     return (sum(flags) / len(flags) if flags else float("nan")), flags
-
-
-def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (``(nan, nan)`` for ``n = 0``)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -437,7 +424,7 @@ def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(model, prompts[start:start + batch_size], fmt, side="left")
         ab, ad = _prepare(model, ablate, add, len(batch))
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
         with torch.no_grad(), model.generate(batch.inputs(), **kwargs) as tracer:
             if ab is not None or ad:
                 with tracer.all():
@@ -451,7 +438,7 @@ def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> 
     """Summed next-token negative log-likelihood of each text of a right-padded ``batch`` (every
     token after the first) under the intervention, and the number of tokens scored: two ``[B]``
     tensors. Perplexity is ``exp(sum / count)``."""
-    from .perplexity import logits_nll
+    from lmbook.mechanisms.likelihood import logits_nll
 
     sums = []
     for sub, ab, ad in _row_chunks(model, batch, ablate, add, max_rows):

@@ -10,7 +10,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["use_style", "model_color", "bootstrap_ci", "integer_ticks", "plot_band", "plt"]
+from lmbook.core.stats import bootstrap_ci
+
+__all__ = ["use_style", "model_color", "integer_ticks", "plot_band", "plt"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 _FIXED = {"gemma-3-270m": _PALETTE[0], "smollm2-135m-instruct": _PALETTE[1]}
@@ -47,23 +49,6 @@ def model_color(name: str) -> str:
     if name in _FIXED:
         return _FIXED[name]
     return _PALETTE[2 + sum(map(ord, name)) % (len(_PALETTE) - 2)]
-
-
-def bootstrap_ci(samples, n_boot: int = 1000, seed: int = 0, axis: int = 0, level: float = 0.95):
-    """Mean and percentile-bootstrap interval of ``samples`` along ``axis``.
-
-    Returns ``(mean, low, high)`` arrays with ``axis`` removed.
-    """
-    x = np.asarray(samples, dtype=float)
-    x = np.moveaxis(x, axis, 0)
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("bootstrap_ci needs at least one sample")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    means = x[idx].mean(axis=1)
-    a = (1 - level) / 2
-    return x.mean(0), np.quantile(means, a, axis=0), np.quantile(means, 1 - a, axis=0)
 
 
 def plot_band(ax, x, samples, label: str, color=None, n_boot: int = 1000, seed: int = 0, **kwargs):

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from .params import ParameterError, check_int, project_path, read_jsonl
+from lmbook.core.params import ParameterError, check_int, project_path, read_jsonl
 
 __all__ = [
     "ARROW",
@@ -170,7 +170,7 @@ def prompt_prefix(model_or_tokenizer) -> str:
     stream grows huge, the "attention sink"), and a zero-shot prompt ``"fast →"`` is only two or
     three tokens. Chapter 6 shows what happens without the prefix.
     """
-    from .tokens import adds_bos
+    from lmbook.core.tokens import adds_bos
 
     return "" if adds_bos(model_or_tokenizer) else "\n"
 
@@ -241,7 +241,7 @@ def shuffled_few_shot_prompts(pool, queries: Sequence[str], k: int, seed: int = 
 
 def answer_token_ids(model_or_tokenizer, outputs: Sequence[str]) -> torch.Tensor:
     """First token id of ``" " + output`` for each output, ``[N]`` (what follows the arrow)."""
-    from .tokens import first_token_ids
+    from lmbook.core.tokens import first_token_ids
 
     return first_token_ids(model_or_tokenizer, [" " + y for y in outputs])
 

@@ -11,11 +11,20 @@ import dataclasses
 
 import torch
 
-from .models import trace
-from .params import ParameterError, check_int, check_layers
-from .tokens import Batch
+from lmbook.core.models import trace
+from lmbook.core.params import ParameterError, check_int, check_layers
+from lmbook.core.tokens import Batch
 
-__all__ = ["LensResult", "logit_lens", "emergence_layer"]
+__all__ = ["final_logits", "LensResult", "logit_lens", "emergence_layer"]
+
+
+def final_logits(model, batch, last_only: bool = False):
+    """Inside a :func:`trace`: the logits at each row's last token, ``[B, vocab]``; pass the same
+    ``last_only`` as the trace."""
+    if last_only:
+        col = torch.searchsorted(torch.unique(batch.last), batch.last)
+        return model.logits[batch.rows(), col]
+    return model.logits[batch.rows(), batch.last]
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@ hidden states and sublayer updates to the vocabulary. Introduced in chapter 2.
 
 * **Attributes rate**: of the top-``k`` tokens read from a hidden state (logit lens), after dropping
   stop words and tokens of two characters or fewer, the fraction that are related to the subject
-  (:func:`lmbook.facts.related_token_sets`).
+  (:func:`lmbook.data.facts.related_token_sets`).
 * **Extraction**: at the last position, whether the update an attention or MLP sublayer adds to the
   residual stream, projected by the unembedding, has the predicted attribute as its top token.
 """
@@ -14,11 +14,12 @@ from typing import Sequence
 
 import torch
 
-from .facts import STOPWORDS
-from .knockout import FactGroup, key_masks, last_token_run
-from .models import model_device, sublayer_updates, trace
-from .params import ParameterError, check_int, check_layer
-from .tokens import Batch
+from lmbook.data.facts import STOPWORDS
+from lmbook.mechanisms.knockout import FactGroup, key_masks, last_token_run
+from lmbook.core.models import model_device, trace
+from lmbook.mechanisms.sublayers import sublayer_updates
+from lmbook.core.params import ParameterError, check_int, check_layer
+from lmbook.core.tokens import Batch
 
 __all__ = ["POSITIONS", "position_index", "lens_topk", "sublayer_knockout_topk", "attributes_rate",
            "TokenText", "extraction_events"]
@@ -148,7 +149,7 @@ def extraction_facts(model, prompts: Sequence[str], subjects: Sequence[str], pre
     (clean / subject blocked; attention / MLP)."""
     from tqdm.auto import tqdm
 
-    from .knockout import group_facts
+    from lmbook.mechanisms.knockout import group_facts
 
     groups = group_facts(model, prompts, subjects, predicted, max_group)
     out = torch.zeros(len(prompts), 2, model.num_layers, 2, dtype=torch.bool)

@@ -31,12 +31,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .models import trace
-from .params import ParameterError, check_int
-from .tokens import Batch, adds_bos, pad_ids
-from .tokens import _tokenizer as _tok
+from lmbook.core.models import trace
+from lmbook.core.params import ParameterError, check_int
+from lmbook.core.tokens import Batch, pad_ids, start_token_id
+from lmbook.core.tokens import _tokenizer as _tok
+from lmbook.mechanisms.likelihood import logits_nll
 
-__all__ = ["Scored", "start_token_id", "encode_texts", "token_nll", "logits_nll", "summarize", "token_texts", "token_class",
+__all__ = ["Scored", "encode_texts", "token_nll", "summarize", "token_texts", "token_class",
            "CLASSES", "token_table", "class_shares", "top_token_shares", "ppl_excluding", "layer_modules",
            "skip_lower_layers", "prefix_states", "cached_nll", "cached_last_top1", "top_layer_parameters", "restore_after",
            "AdaptResult", "adapt"]
@@ -70,20 +71,6 @@ class Scored:
         return Scored([self.texts[i] for i in idx], self.batch.select(idx), self.nbytes[idx])
 
 
-def start_token_id(tokenizer) -> int | None:
-    """The token put before each scored text. ``None`` when the tokenizer adds its own (its BOS)."""
-    tok = _tok(tokenizer)
-    if adds_bos(tok):
-        return None
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:  # the document separator of GPT-2-style pretraining data
-        return vocab["<|endoftext|>"]
-    for tid in (tok.bos_token_id, tok.eos_token_id):
-        if tid is not None:
-            return tid
-    raise ParameterError("the tokenizer has no BOS, EOS or <|endoftext|> token to start a scored text with")
-
-
 def encode_texts(model_or_tokenizer, texts: Sequence[str]) -> Scored:
     """Encode ``texts`` for scoring (see the module docstring), right-padded."""
     tok = _tok(model_or_tokenizer)
@@ -106,15 +93,6 @@ def _batches(texts, batch_size: int):
     order = sorted(range(len(last)), key=lambda i: int(last[i]))
     for s in range(0, len(order), batch_size):
         yield order[s:s + batch_size]
-
-
-def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in nats: ``logits`` ``[B, T, V]`` predict ``input_ids[:, 1:]``;
-    returns ``[B, T-1]`` with 0 where ``target_mask`` (``[B, T-1]``) is 0."""
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none"
-    )
-    return nll * target_mask.to(nll.device)
 
 
 def token_nll(model, scored: Scored, batch_size: int = 4, states_after: int | None = None):
@@ -298,7 +276,7 @@ def _as_batch(x) -> Batch:
 def prefix_states(model, texts, n_frozen: int, batch_size: int = 8) -> torch.Tensor | None:
     """Residual stream after block ``n_frozen - 1`` at every position, ``[B, T, d]`` (nnsight), or
     ``None`` when ``n_frozen == 0`` (nothing is frozen, nothing to cache). ``texts`` is a
-    :class:`Scored` or a :class:`lmbook.tokens.Batch`."""
+    :class:`Scored` or a :class:`lmbook.core.tokens.Batch`."""
     check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
     if n_frozen == 0:
         return None
@@ -338,7 +316,7 @@ def cached_nll(model, scored: Scored, states: torch.Tensor | None, n_frozen: int
 
 def cached_last_top1(model, batch: Batch, states: torch.Tensor | None, n_frozen: int, batch_size: int = 64) -> torch.Tensor:
     """Top-1 next token after each row's last token, ``[B]``, running only blocks ``n_frozen ..`` on
-    cached ``states`` of ``batch`` (a :class:`lmbook.tokens.Batch`, as :func:`lmbook.facts.known_mask`
+    cached ``states`` of ``batch`` (a :class:`lmbook.core.tokens.Batch`, as :func:`lmbook.data.facts.known_mask`
     encodes its prompts). Logits are computed at the last tokens only."""
     hf = model._model
     device = next(hf.parameters()).device

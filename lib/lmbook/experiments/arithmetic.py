@@ -26,9 +26,9 @@ from typing import Sequence
 
 import torch
 
-from .models import trace
-from .params import ParameterError, check_int, check_layers
-from .tokens import Batch
+from lmbook.core.models import trace
+from lmbook.core.params import ParameterError, check_int, check_layers
+from lmbook.core.tokens import Batch
 
 __all__ = [
     "one_shot_prompt",
@@ -270,7 +270,7 @@ def relation_lens(model, relation: str, pairs, question: str, prefix: str = "", 
 
     ``pairs[0]`` is the one-shot example; every other pair is probed with :func:`one_shot_prompt`.
     """
-    from .tokens import encode, first_token_ids
+    from lmbook.core.tokens import encode, first_token_ids
 
     if len(pairs) < 2:
         raise ParameterError(f"relation {relation!r} needs at least two pairs (one example, one probe), got {len(pairs)}")
@@ -305,8 +305,8 @@ def relation_edits(model, rl: RelationLens, n_source: int, n_sweep: int, scales,
     """
     import random
 
-    from .taskvectors import intervene_sweep, next_token
-    from .tokens import encode
+    from lmbook.experiments.taskvectors import intervene_sweep, next_token
+    from lmbook.core.tokens import encode
 
     check_int("n_source", n_source, 1)
     check_int("n_sweep", n_sweep, 1)
