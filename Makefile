@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export PYTHONNOUSERSITE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv models book book-force test test-unit clean
+.PHONY: venv models book book-force lint test test-unit clean
 
 venv: $(STAMP)
 
@@ -42,7 +42,10 @@ book-force:
 	rm -rf _build/.jupyter_cache _build/.lib-hash
 	$(MAKE) book
 
-test: models
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: models lint
 	$(BIN)/python -m pytest
 
 test-unit: models

@@ -21,9 +21,11 @@ import time
 
 import torch
 
-from lmbook.data.facts import answer_token_ids, known_mask, load_facts
-from lmbook.mechanisms.knockout import KINDS, _plan, group_facts, knockout_sweep, knockout_sweep_looped, last_token_run, layer_windows
 from lmbook.core.models import load_model
+from lmbook.data.facts import answer_token_ids, load_facts
+from lmbook.experiments.recall import known_mask
+from lmbook.mechanisms.knockout import (KINDS, _plan, group_facts, knockout_sweep, knockout_sweep_looped,
+                                        last_token_run, layer_windows)
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     facts = load_facts()
     known = known_mask(model, facts)
     chosen = [f for f, k in zip(facts, known.tolist()) if k][: a.facts]
-    groups = group_facts(model, [f.prompt for f in chosen], [f.subject for f in chosen], answer_token_ids(model, chosen))
+    groups = group_facts(model, [f.prompt for f in chosen], [f.subject for f in chosen],
+                         answer_token_ids(model, chosen))
     windows = layer_windows(model.num_layers, a.window)
     n_int = len(chosen) * len(KINDS) * len(windows)
     print(f"{a.model}: {len(chosen)} facts x {len(KINDS)} kinds x {len(windows)} windows = {n_int} interventions "

@@ -61,12 +61,26 @@ def tiny_dirs(tmp_path_factory):
     return {f: tiny.build(f, root / f) for f in tiny.FAMILIES}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("LMBOOK_TEST_DEVICE", "cpu"),
+                     help="device the tiny test models are loaded on: cpu (default), auto or cuda "
+                          "(bench/gpu_check.py runs the unit tests with --device auto)")
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tiny_dirs):
-    """Each tiny checkpoint loaded through ``load_model``, as any local model would be."""
+def test_device(request) -> str:
+    return request.config.getoption("--device")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs, test_device):
+    """Each tiny checkpoint loaded through ``load_model``, as any local model would be, on the
+    device the run asks for (``--device``; float32 everywhere, so tolerances hold on a GPU too)."""
+    import torch
+
     from lmbook.core.models import load_model
 
-    return {f: load_model(str(d), device="cpu") for f, d in tiny_dirs.items()}
+    return {f: load_model(str(d), device=test_device, dtype=torch.float32) for f, d in tiny_dirs.items()}
 
 
 @pytest.fixture(scope="session")

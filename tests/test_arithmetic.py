@@ -3,20 +3,19 @@
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
+from lmbook.core.tokens import encode
 from lmbook.experiments.arithmetic import (
     copy_prompt,
     distinct_first_tokens,
-    lens_logits,
-    lens_on_states,
     lens_pair,
     one_shot_prompt,
-    sublayer_writes,
     switch_layer,
 )
-from lmbook.mechanisms.readout import logit_lens
-from lmbook.core.tokens import encode
+from lmbook.mechanisms.readout import target_logits
+from lmbook.mechanisms.sublayers import sublayer_writes
+
+from conftest import PROMPTS
 
 
 def test_prompts():
@@ -28,33 +27,8 @@ def test_prompts():
         one_shot_prompt("What is the capital?", ("a", "b"), "c")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_sublayer_writes_add_up_to_the_residual_stream(family, tiny_models):
-    model = tiny_models[family]
-    b = encode(model, PROMPTS)
-    w = sublayer_writes(model, b)
-    with torch.no_grad():
-        hs = model._model(**b.inputs(), output_hidden_states=True).hidden_states
-    for layer in range(model.num_layers):
-        before = hs[layer][b.rows(), b.last]
-        torch.testing.assert_close(before + w["attn"][layer] + w["mlp"][layer], w["resid"][layer], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_lens_on_states_equals_the_logit_lens(family, tiny_models):
-    model = tiny_models[family]
-    b = encode(model, PROMPTS)
-    w = sublayer_writes(model, b)
-    tg = torch.tensor([[5, 6], [7, 8], [9, 10]])
-    lp, top = lens_on_states(model, w["resid"], tg, k=2)
-    ref = logit_lens(model, b, targets=tg, k=2)
-    torch.testing.assert_close(lp, ref.target_logprobs[:, :, 0], atol=1e-5, rtol=1e-5)
-    assert torch.equal(top, ref.top_ids[:, :, 0])
-    # target logits alone give the same differences between targets
-    lg = lens_logits(model, w["resid"], tg)
-    torch.testing.assert_close(lg[..., 1] - lg[..., 0], lp[..., 1] - lp[..., 0], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ParameterError, match="targets must be"):
-        lens_on_states(model, w["resid"], tg[:2])
 
 
 def test_lens_pair_mid_is_before_the_mlp(llama):
@@ -62,7 +36,7 @@ def test_lens_pair_mid_is_before_the_mlp(llama):
     arg, ans = torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10])
     r = lens_pair(llama, b, arg, ans)
     w = sublayer_writes(llama, b)
-    mid = lens_logits(llama, w["resid"] - w["mlp"], torch.stack([arg, ans], 1))
+    mid = target_logits(llama, w["resid"] - w["mlp"], torch.stack([arg, ans], 1))
     torch.testing.assert_close(r.mid_diff, mid[..., 1] - mid[..., 0])
     torch.testing.assert_close(r.diff, r.ans_lp - r.arg_lp, atol=1e-4, rtol=1e-4)
     assert r.mlp.shape == (llama.num_layers, 3, llama.hidden_size)

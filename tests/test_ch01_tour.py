@@ -1,6 +1,7 @@
 """Chapter 1 (the tour): properties its recorded results must have, whatever the model shows."""
 
 import pytest
+from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
 
@@ -24,3 +25,7 @@ def test_smoke_results(smoke_run):
         assert all(0 <= l < n for l in results[key])
     assert 0.0 <= results["p_answer_clean"] <= 1.0
 
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("01_tour"))

@@ -41,6 +41,14 @@ def test_smoke_results(smoke_run):
     for c in start:
         assert c["bits_per_byte"] == pytest.approx(base[c["test domain"]], rel=1e-4)
 
+    # the same-domain change recorded for each run is the last point of its curve
+    last = {}
+    for c in res["curves"]:
+        if c["train domain"] == c["test domain"]:
+            last[c["train domain"], c["lr"]] = c["delta bpb"]  # curves are in step order
+    for s in res["same_domain_change_bpb"]:
+        assert s["after all passes"] == pytest.approx(last[s["domain"], s["lr"]])
+
     # the per-token decomposition of each change adds up to the change of the mean loss
     classes = ["newline", "space", "punctuation", "digits", "word", "other"]
     for c in res["contributions"]:
@@ -63,7 +71,8 @@ def test_bad_corpora_fail_at_once(tmp_path):
     assert e.value.ename == "ParameterError"
     assert "no-such-corpus" in e.value.evalue and "python-docs" in e.value.evalue
     nb = json.loads((tmp_path / "out.ipynb").read_text())
-    failed = [i for i, c in enumerate(nb["cells"]) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-    injected = next(i for i, c in enumerate(nb["cells"]) if "injected-parameters" in c.get("metadata", {}).get("tags", []))
+    cells = nb["cells"]
+    failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    injected = next(i for i, c in enumerate(cells) if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     assert failed == [next(i for i, c in enumerate(nb["cells"]) if i > injected and c["cell_type"] == "code")]
     assert not (tmp_path / "results").exists()

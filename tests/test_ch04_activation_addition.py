@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
 
@@ -32,3 +33,8 @@ def test_smoke_results(smoke_run):
     n = params["N_EXAMPLE_SAMPLES"]
     assert len(r["examples"]) == 2 * 2 * n
     assert sum(e["steering"] == "none" for e in r["examples"]) == 2 * n
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("04_activation_addition"))

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
 
@@ -30,3 +31,8 @@ def test_smoke_results(smoke_run):
     assert all(row["n"] == params["N_TEST"] and 0 <= row["refused"] <= row["n"] for row in table)
     assert all(row["low"] <= row["rate"] <= row["high"] for row in table)
     assert r["refusal_substrings"] and "I'm sorry" in r["refusal_substrings"]
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("05_refusal_direction"))

@@ -1,6 +1,7 @@
 """Chapter 6 (task vectors): properties its recorded results must have, whatever the model shows."""
 
 import pytest
+from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
 
@@ -29,3 +30,8 @@ def test_smoke_results(smoke_run):
     fv = results["fv_table"][0]
     assert fv["FV heads"] in params["FV_HEADS"] and 0 <= fv["FV layer"] < n
     assert fv["task vector"] == pytest.approx(results["table"][0]["task vector"])
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("06_task_vectors"))

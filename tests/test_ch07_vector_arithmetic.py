@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
 
@@ -34,3 +35,8 @@ def test_smoke_results(smoke_run):
     edits = results["edits"]
     assert {e["edit"] for e in edits} == {"remove own MLP write", "subtract relation vector", "swap in relation vector",
                                           "swap in random vector"}
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("07_vector_arithmetic"))

@@ -33,6 +33,26 @@ def test_every_chapter_has_a_parameters_cell_and_no_outputs():
 
 
 @pytest.mark.parametrize("stem", CHAPTERS)
+def test_reader_sees_the_parameters_not_the_set_up(stem):
+    """The parameters cell stays visible; the validation cell after it and the set-up cell are collapsed
+    (hide-input) or removed (remove-input), and so is the code of every cell that only draws a figure."""
+    cells = json.loads((ROOT / "chapters" / f"{stem}.ipynb").read_text())["cells"]
+    tags = [set(c.get("metadata", {}).get("tags", [])) for c in cells]
+    hidden = {"hide-input", "remove-input", "hide-cell", "remove-cell"}
+    ip = next(i for i, t in enumerate(tags) if "parameters" in t)
+    assert not tags[ip] & hidden, f"{stem}: the parameters cell is what a reader changes; keep it visible"
+    validation = next(i for i in range(ip + 1, len(cells)) if cells[i]["cell_type"] == "code")
+    setup_md = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## Set-up"))
+    setup = next(i for i in range(setup_md + 1, len(cells)) if cells[i]["cell_type"] == "code")
+    for i, what in [(validation, "parameter-validation"), (setup, "set-up")]:
+        assert tags[i] & hidden, f"{stem}: tag the {what} cell {cells[i].get('id')} hide-input (or remove-input)"
+    for c, t in zip(cells, tags):
+        src = "".join(c["source"])
+        if c["cell_type"] == "code" and src.lstrip().startswith("fig, ") and "rec.record" not in src:
+            assert t & hidden, f"{stem}: cell {c.get('id')} only draws a figure; tag it hide-input"
+
+
+@pytest.mark.parametrize("stem", CHAPTERS)
 def test_every_chapter_has_smoke_assertions(stem):
     """Each chapter's recorded results are checked in tests/test_chNN_*.py through the smoke_run fixture."""
     nn = stem.split("_")[0]
@@ -69,12 +89,13 @@ def test_nbval_on_smoke_notebooks(smoke_run):
     assert " passed" in proc.stdout
 
 
-@pytest.mark.book
-def test_book_builds_with_warnings_as_errors(smoke_run, tmp_path):
-    """The whole book (config, toc, intro, references, every chapter) renders with -W, using the
-    smoke-executed notebooks instead of executing the full chapters again."""
-    book = tmp_path / "book"
-    shutil.copytree(ROOT, book, ignore=shutil.ignore_patterns(".venv", "_build", ".git", ".pytest_cache", "chapters", "__pycache__", "*.egg-info"))
+@pytest.fixture(scope="module")
+def smoke_book(smoke_run, tmp_path_factory):
+    """The whole book (config, toc, intro, references, every chapter) built with -W, using the
+    smoke-executed notebooks instead of executing the full chapters again: (process, html folder)."""
+    book = tmp_path_factory.mktemp("book")
+    shutil.copytree(ROOT, book, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".venv", "_build", ".git", ".pytest_cache", "chapters", "__pycache__", "*.egg-info"))
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
     (book / "_config.yml").write_text(yaml.safe_dump(config))
@@ -83,9 +104,32 @@ def test_book_builds_with_warnings_as_errors(smoke_run, tmp_path):
         shutil.copy(smoke_run(stem).notebook, book / "chapters" / f"{stem}.ipynb")
     proc = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", str(book), "-W", "--keep-going"],
                           capture_output=True, text=True)
+    return proc, book / "_build" / "html"
+
+
+@pytest.mark.book
+def test_book_builds_with_warnings_as_errors(smoke_book):
+    proc, html = smoke_book
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    html = book / "_build" / "html"
     for stem in CHAPTERS:
         page = (html / "chapters" / f"{stem}.html").read_text()
         assert "<img" in page, f"{stem}: the rendered chapter shows its figures"
     assert (html / "intro.html").is_file()
+
+
+@pytest.mark.book
+def test_book_reads_cleanly_in_a_browser(smoke_book):
+    """Every page of the smoke-built book in headless Chromium (tests/browser_check.py): no JavaScript
+    error, missing image, broken internal link or anchor, unrendered glue, or code scrolling sideways.
+    Screenshots of each page go to _build/screenshots/."""
+    import browser_check
+
+    if browser_check.find_chromium() is None:
+        pytest.skip(browser_check.INSTALL_HINT)
+    proc, html = smoke_book
+    if proc.returncode != 0:
+        pytest.fail("the book did not build (see test_book_builds_with_warnings_as_errors)")
+    results = browser_check.check_book(html, ROOT / "_build" / "screenshots")
+    assert len(results) >= len(CHAPTERS) + 2, sorted(results)
+    bad = {page: problems for page, problems in results.items() if problems}
+    assert not bad, "\n".join(f"{page}:\n  " + "\n  ".join(problems) for page, problems in bad.items())

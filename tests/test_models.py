@@ -70,9 +70,12 @@ def test_bad_device_and_remote_flags():
 
 def _fake_converter(calls):
     def convert(gguf, out):
+        from safetensors.torch import save_file
+
         calls.append(gguf)
         out.mkdir(parents=True)
         (out / "config.json").write_text(json.dumps({"from": str(gguf)}))
+        save_file({"w": torch.zeros(4)}, str(out / "model.safetensors"))
 
     return convert
 
@@ -86,7 +89,7 @@ def test_prepare_packaged_converts_once(tmp_path, monkeypatch):
     assert calls and calls[0].name.endswith(".gguf") and calls[0].is_file()
     prepare_packaged("smollm2-135m-instruct", converter=_fake_converter(calls))
     assert len(calls) == 1, "a valid cache must be reused, not converted again"
-    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m-instruct"], "no temporary folders left behind"
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["smollm2-135m-instruct"], "no temporary folders left behind"
 
 
 def test_killed_conversion_leaves_no_trusted_cache(tmp_path, monkeypatch):
@@ -99,7 +102,7 @@ def test_killed_conversion_leaves_no_trusted_cache(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         prepare_packaged("smollm2-135m-instruct", converter=dies_halfway)
-    assert list(tmp_path.iterdir()) == [], "a killed conversion must leave nothing behind"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [], "a killed conversion must leave nothing behind"
 
 
 def test_unstamped_or_stale_cache_is_rebuilt(tmp_path, monkeypatch):
@@ -109,13 +112,13 @@ def test_unstamped_or_stale_cache_is_rebuilt(tmp_path, monkeypatch):
     (target / "model.safetensors").write_bytes(b"left by a crash before stamps existed")
     calls = []
     prepare_packaged("smollm2-135m-instruct", converter=_fake_converter(calls))
-    assert len(calls) == 1 and not (target / "model.safetensors").exists()
+    assert len(calls) == 1 and (target / "model.safetensors").read_bytes() != b"left by a crash before stamps existed"
     stamp = json.loads((target / "lmbook.json").read_text())
     stamp["version"] = "0.0.0"
     (target / "lmbook.json").write_text(json.dumps(stamp))
     prepare_packaged("smollm2-135m-instruct", converter=_fake_converter(calls))
     assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["smollm2-135m-instruct"]
 
 
 # --- nnterp's standard names agree with each family's own forward pass --------------------
@@ -163,3 +166,224 @@ def test_packaged_models_load_offline(name, n_layers, d):
     model = load_model(name, device="cpu")
     assert (model.num_layers, model.hidden_size) == (n_layers, d)
     assert model.attn_probs_available
+
+
+# --- faults: a damaged cache, concurrent and killed conversions, load failures, the hub (issue 17) ---
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lmbook.core.models import ModelLoadError, check_cache, model_depth  # noqa: E402
+from lmbook.core.params import LmbookError  # noqa: E402
+
+SMOL = "smollm2-135m-instruct"  # its GGUF file is located in place, without assembling parts
+
+
+def _safetensors_converter(calls):
+    """A stand-in for the real conversion: a config and a small but valid safetensors file."""
+
+    def convert(gguf, out):
+        from safetensors.torch import save_file
+
+        calls.append(gguf)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+        save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(out / "model.safetensors"))
+
+    return convert
+
+
+def test_truncated_weights_are_reported_and_converted_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMBOOK_MODEL_CACHE", str(tmp_path))
+    calls = []
+    target = prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    assert check_cache(SMOL) is None and "files" in json.loads((target / "lmbook.json").read_text())
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated, the stamp left as it was
+    problem = check_cache(SMOL)
+    assert problem and "model.safetensors" in problem and "truncated" in problem
+    prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    assert len(calls) == 2 and check_cache(SMOL) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(target) in err[0] and "converting" in err[0] and "truncated" in err[0]
+
+
+def test_damaged_header_is_caught_even_with_an_old_stamp(tmp_path, monkeypatch):
+    """A stamp from before sizes were recorded: the safetensors header check still finds the damage."""
+    monkeypatch.setenv("LMBOOK_MODEL_CACHE", str(tmp_path))
+    calls = []
+    target = prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    stamp = json.loads((target / "lmbook.json").read_text())
+    del stamp["files"]
+    (target / "lmbook.json").write_text(json.dumps(stamp))
+    assert check_cache(SMOL) is None  # intact weights: accepted, and the sizes are recorded now
+    assert "files" in json.loads((target / "lmbook.json").read_text())
+    (target / "lmbook.json").write_text(json.dumps(stamp))  # the old stamp again
+    w = target / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-8])
+    assert "header describes" in check_cache(SMOL)
+    w.write_bytes(b"\x00" * 3)
+    assert "less than a header" in check_cache(SMOL)
+    prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    assert len(calls) == 2 and check_cache(SMOL) is None
+
+
+def test_deleted_stamp_means_a_new_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMBOOK_MODEL_CACHE", str(tmp_path))
+    calls = []
+    target = prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    (target / "lmbook.json").unlink()
+    assert "no lmbook.json stamp" in check_cache(SMOL)
+    prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    assert len(calls) == 2 and check_cache(SMOL) is None
+
+
+_WORKER = r"""
+import json, os, sys, time
+from pathlib import Path
+from lmbook.core.models import prepare_packaged
+
+log = Path(sys.argv[1])
+
+def convert(gguf, out):
+    from safetensors.torch import save_file
+    import torch
+    with open(log, "a") as f:
+        f.write(f"start {os.getpid()}\n")
+    out.mkdir(parents=True)
+    save_file({"w": torch.zeros(10)}, str(out / "model.safetensors"))
+    (out / "config.json").write_text("{}")
+    time.sleep(float(sys.argv[2]))  # a slow conversion: the other process must wait, not convert again
+    with open(log, "a") as f:
+        f.write(f"end {os.getpid()}\n")
+
+print(prepare_packaged("smollm2-135m-instruct", converter=convert))
+"""
+
+
+def _worker(tmp_path, sleep, env_cache):
+    env = {**os.environ, "LMBOOK_MODEL_CACHE": str(env_cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "log.txt"), str(sleep)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_conversions_convert_once(tmp_path):
+    cache = tmp_path / "cache"
+    procs = [_worker(tmp_path, 2.0, cache) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert outs[0][0].strip() == outs[1][0].strip() == str(cache / SMOL)
+    log = (tmp_path / "log.txt").read_text().split()
+    assert log.count("start") == 1 and log.count("end") == 1, "the second process must wait and reuse"
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [SMOL]
+    assert (cache / SMOL / "lmbook.json").is_file()
+
+
+def test_killed_conversion_leftover_is_removed_next_time(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    p = _worker(tmp_path, 600, cache)
+    deadline = time.time() + 60
+    while not ((tmp_path / "log.txt").is_file() and "start" in (tmp_path / "log.txt").read_text()):
+        assert time.time() < deadline and p.poll() is None, p.communicate()[1][-2000:]
+        time.sleep(0.1)
+    p.kill()  # SIGKILL: no finally block runs
+    p.wait()
+    leftovers = [q for q in cache.iterdir() if q.is_dir() and q.name.startswith(f".{SMOL}.")]
+    assert leftovers, "the killed conversion's temporary folder is left behind"
+    monkeypatch.setenv("LMBOOK_MODEL_CACHE", str(cache))
+    calls = []
+    prepare_packaged(SMOL, converter=_safetensors_converter(calls))
+    assert len(calls) == 1
+    assert sorted(q.name for q in cache.iterdir() if not q.name.endswith(".lock")) == [SMOL]
+
+
+def test_converter_failure_is_one_lmbook_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMBOOK_MODEL_CACHE", str(tmp_path))
+
+    def fails(gguf, out):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ModelLoadError, match="converting 'smollm2-135m-instruct' .* failed: OSError: .*No space left"):
+        prepare_packaged(SMOL, converter=fails)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_damaged_local_checkpoint_fails_with_one_line_naming_the_cause(tmp_path):
+    import tiny
+
+    folder = tiny.build("llama", tmp_path / "llama")
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(folder), device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder) in msg and "could not load the local model" in msg
+    assert isinstance(e.value, LmbookError) and e.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("device,match", [
+    ("cuda:x", "unknown DEVICE 'cuda:x'"),
+    ("cuda:99", "DEVICE='cuda:99'"),
+    ("gpu", "unknown DEVICE 'gpu'"),
+])
+def test_devices_are_checked_before_loading(device, match):
+    with pytest.raises(ParameterError, match=match):
+        load_model("gemma-3-270m", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ParameterError, match="no usable CUDA GPU"):
+        load_model("gemma-3-270m", device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent"])
+def test_unreachable_hub_fails_fast_in_one_line(kind, monkeypatch):
+    """A hub that refuses connections, and one that accepts them but never answers: both fail
+    within the probe's timeout, in one line that names the packaged models."""
+    import socket
+
+    import huggingface_hub.constants
+
+    import lmbook.core.models as models
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if kind == "silent":
+        server.listen(4)  # accepts into the backlog, never reads or answers
+    else:
+        server.close()  # nothing listens: the connection is refused
+    endpoint = f"http://127.0.0.1:{port}"
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(models, "HUB_TIMEOUT_S", 1.0)
+    from transformers import AutoConfig  # noqa: F401 - imported before timing, as a chapter has
+    t = time.time()
+    try:
+        with pytest.raises(ModelNotAvailableError) as e:
+            load_model("nobody-here/not-a-model-xyz", device="cpu")
+    finally:
+        server.close()
+    assert time.time() - t < 4.0
+    msg = str(e.value)
+    assert "\n" not in msg and f"the model hub {endpoint} cannot be reached" in msg and "gemma-3-270m" in msg
+    assert ("timed out" in msg or "no answer within" in msg) if kind == "silent" else "refused" in msg
+
+
+def test_model_depth_from_the_config(tmp_path):
+    assert model_depth("gemma-3-270m") == 18 and model_depth(SMOL) == 30
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
+    assert model_depth(str(tmp_path)) == 7
+    assert model_depth("nobody-here/not-a-model-xyz") is None  # not in the local hub cache: checked after loading
+
+
+def test_empty_model_name_is_not_the_current_folder():
+    with pytest.raises(ModelNotAvailableError, match="MODEL='' is empty"):
+        check_model_name("")
+    with pytest.raises(ModelNotAvailableError, match=r"LENS_MODELS\[1\]"):
+        check_model_name("nope", "LENS_MODELS[1]")

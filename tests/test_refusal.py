@@ -1,19 +1,29 @@
 """Unit tests of lmbook.experiments.refusal (chapter 5) on tiny random models."""
 
 import copy
-import math
 
 import pytest
 import torch
 
 from lmbook import ParameterError
-from lmbook.mechanisms.interventions import hidden_states
-from lmbook.experiments.refusal import (REFUSAL_SUBSTRINGS, ablated_residuals, encode_prompts, format_instructions, generate,
-                            is_refusal, kl_divergence, last_logprobs, mean_diff_directions, post_instruction_positions,
-                            project_out, refusal_rate, refusal_score, select_direction, text_nll)
-from lmbook.core.stats import wilson_interval
-from lmbook.mechanisms.likelihood import logits_nll
 from lmbook.core.tokens import Batch
+from lmbook.experiments.refusal import (
+    REFUSAL_SUBSTRINGS,
+    encode_prompts,
+    format_instructions,
+    generate,
+    is_refusal,
+    kl_divergence,
+    last_logprobs,
+    mean_diff_directions,
+    post_instruction_positions,
+    refusal_rate,
+    refusal_score,
+    select_direction,
+    text_nll,
+)
+from lmbook.mechanisms.interventions import hidden_states
+from lmbook.mechanisms.likelihood import logits_nll
 
 HARMFUL = ["the eiffel tower is located in the city of", "michael jordan plays the sport of", "the capital of italy is"]
 HARMLESS = ["the colosseum is in rome", "she speaks french", "a big red tower in paris"]
@@ -40,64 +50,14 @@ def test_refusal_rate_counts_fixed_strings():
         refusal_rate("I'm sorry")
 
 
-def test_wilson_interval():
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = wilson_interval(0, 10)
-    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
-    assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
-def test_project_out():
-    torch.manual_seed(0)
-    h = torch.randn(2, 5, 8)
-    r = torch.randn(8)
-    r = r / r.norm()
-    out = project_out(h, r)
-    assert (out @ r).abs().max() < 1e-5
-    torch.testing.assert_close(project_out(out, r), out)
-    per_row = torch.stack([r, torch.zeros(8)])
-    out2 = project_out(h, per_row)
-    torch.testing.assert_close(out2[0], out[0])
-    assert torch.equal(out2[1], h[1]), "a zero direction leaves its row exactly unchanged"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
-def test_ablation_leaves_the_residual_stream_orthogonal(tiny_models, family):
-    model = tiny_models[family]
-    batch = encode_prompts(model, HARMFUL, fmt="plain")
-    torch.manual_seed(1)
-    r = torch.randn(model.hidden_size)
-    res = ablated_residuals(model, batch, r)  # [L + 1, B, T, d]
-    assert res.shape[:2] == (model.num_layers + 1, len(HARMFUL))
-    r = r / r.norm()
-    scale = res.norm(dim=-1).max()
-    assert (res @ r).abs().max() < 1e-5 * scale
-    # without ablation the stream has a component along r
-    plain = hidden_states(model, batch, None, batch.last)
-    assert (plain @ r).abs().max() > 1e-3
 
 
-def test_zero_interventions_change_nothing(llama):
-    batch = encode_prompts(llama, HARMFUL, fmt="plain")
-    base = last_logprobs(llama, batch)
-    d = llama.hidden_size
-    r = torch.randn(d)
-    ablate = torch.stack([torch.zeros(d), r, torch.zeros(d)])
-    lp = last_logprobs(llama, batch, ablate=ablate, add={1: torch.zeros(3, d)})
-    torch.testing.assert_close(lp[[0, 2]], base[[0, 2]], rtol=0, atol=1e-6)
-    assert not torch.allclose(lp[1], base[1])
 
 
-def test_addition_equals_adding_to_the_hidden_state(llama):
-    """Adding v after the last layer shifts the final hidden state by v at every position."""
-    batch = encode_prompts(llama, HARMFUL[:1], fmt="plain")
-    v = torch.randn(llama.hidden_size)
-    lp = last_logprobs(llama, batch, add={2: v})
-    h = hidden_states(llama, batch, [2])[0, 0]
-    hf = llama._model
-    ref = hf.lm_head(hf.model.norm(h + v)).log_softmax(-1)
-    torch.testing.assert_close(lp[0], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mean_diff_directions(llama):
@@ -184,7 +144,8 @@ def test_select_direction_and_text_nll(llama):
     strict = select_direction(llama, cand, hb, sb, refusal_ids=[5, 6], max_layer_fraction=1.0, kl_threshold=0.0,
                               top_k=4, max_rows=4, progress=False)
     assert not strict.passed and not strict.induce.isnan().any()
-    assert torch.equal(strict.kl.isnan(), strict.induce < 0), "KL is computed exactly where the candidate induces refusal"
+    assert torch.equal(strict.kl.isnan(), strict.induce < 0), \
+        "KL is computed exactly where the candidate induces refusal"
     inducing = [(p, l) for p in range(2) for l in range(3) if strict.induce[p, l] >= 0]
     if inducing:
         assert strict.rule == "induce filter only"
@@ -198,7 +159,8 @@ def test_select_direction_and_text_nll(llama):
     # text_nll without intervention is the model's own loss
     s, c = text_nll(llama, hb)
     logits = llama._model(**hb.inputs()).logits
-    torch.testing.assert_close(s, logits_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1), rtol=1e-4, atol=1e-4)
+    ref = logits_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1)
+    torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(c, hb.attention_mask[:, 1:].sum(-1))
 
 
@@ -225,12 +187,3 @@ def test_load_instructions(tmp_path):
         load_instructions(tmp_path / "missing.jsonl")
 
 
-def test_promoted_tokens_reads_a_direction_through_the_unembedding(llama):
-    from lmbook.experiments.refusal import promoted_tokens
-
-    tok = llama.tokenizer
-    target = tok.convert_tokens_to_ids("paris")
-    # a direction along the unembedding row of "paris" promotes "paris" first
-    w = llama._model.lm_head.weight
-    d = w[target] * 50 - w.mean(0) * 50
-    assert promoted_tokens(llama, d, k=3)[0] == "paris"

@@ -4,11 +4,17 @@ import pytest
 import torch
 
 from lmbook import ParameterError
+from lmbook.core.tokens import encode
+from lmbook.experiments.steering import (
+    contrast_vector,
+    log_odds,
+    steered_generate,
+    steered_nll,
+    steered_target_logprobs,
+    word_rate,
+)
 from lmbook.mechanisms.interventions import hidden_states
 from lmbook.mechanisms.likelihood import logits_nll
-from lmbook.experiments.steering import (contrast_vector, encode_texts, log_odds, steered_generate, steered_nll,
-                             steered_target_logprobs, word_rate)
-from lmbook.core.tokens import encode
 
 PROMPTS = ["the eiffel tower is located in the city of", "michael jordan plays the sport of"]
 
@@ -39,9 +45,10 @@ def test_zero_coefficient_changes_nothing(gen_models):
         assert torch.equal(lp[0], lp[1]) and torch.equal(lp[0], lp[2])
         assert not torch.allclose(lp[0], lp[3])
         # ... and equals the unsteered model's own log-probabilities
-        from lmbook.mechanisms.interventions import last_token_logprobs
+        from lmbook.mechanisms.readout import next_token_logprobs as last_token_logprobs
 
-        torch.testing.assert_close(lp[0], last_token_logprobs(model, encode(model, PROMPTS))[:, targets], rtol=1e-5, atol=1e-5)
+        ref = last_token_logprobs(model, encode(model, PROMPTS))[:, targets]
+        torch.testing.assert_close(lp[0], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_coefficient_reproduces_unsteered_greedy_generation(gen_models):
@@ -106,17 +113,13 @@ def test_bad_configs_are_rejected(llama):
         contrast_vector(llama, "paris", "rome", layers=[7])
 
 
-def test_encode_texts_puts_a_start_token_first_once(llama):
-    b = encode_texts(llama, ["the city", "paris"])  # the tiny tokenizer adds <bos> itself
-    assert b.input_ids[:, 0].tolist() == [llama.tokenizer.bos_token_id] * 2
-    assert b.last.tolist() == [2, 1]
-    assert torch.equal(b.input_ids[0, :3], encode(llama, "the city").input_ids[0])
 
 
 def test_log_odds_and_word_rate():
     lp = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
     torch.testing.assert_close(log_odds(lp, [0], [1, 2]), torch.log(torch.tensor([0.5 / 0.375])))
-    rate, hits, totals = word_rate(["The bride and groom's wedding.", "", "Nothing here"], ["wedding", " bride", "groom"])
+    texts = ["The bride and groom's wedding.", "", "Nothing here"]
+    rate, hits, totals = word_rate(texts, ["wedding", " bride", "groom"])
     assert hits == [2, 0, 0] and totals == [5, 0, 2]  # "groom's" is one word, not "groom"
     assert rate == pytest.approx(2 / 7)
 
@@ -126,22 +129,6 @@ def gen_models(tiny_models):
     return [tiny_models["llama"], tiny_models["gemma3"]]
 
 
-def test_fast_top_p_matches_transformers():
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    from lmbook.experiments.steering import _TopP
-
-    torch.manual_seed(0)
-    for scale, p in [(1.0, 0.3), (3.0, 0.3), (0.1, 0.9), (5.0, 0.95)]:
-        scores = torch.randn(6, 5000) * scale
-        ours = _TopP(p, k=64)(None, scores.clone())
-        ref = TopPLogitsWarper(p)(None, scores.clone())
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (scale, p)
-        assert torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
-        ours = _TopP(p, temperature=0.7, k=64)(None, scores.clone())
-        ref = TopPLogitsWarper(p)(None, TemperatureLogitsWarper(0.7)(None, scores.clone()))
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (scale, p)
-        assert torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
 
 
 def test_steered_nll_with_a_prefix_scores_the_whole_text(llama):

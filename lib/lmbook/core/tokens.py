@@ -14,7 +14,8 @@ import torch
 
 from lmbook.core.params import ParameterError
 
-__all__ = ["Batch", "encode", "pad_ids", "pad_token_id", "adds_bos", "start_token_id", "token_span", "first_token_ids",
+__all__ = ["Batch", "text_ids", "encode", "pad_ids", "pad_token_id", "adds_bos", "start_token_id", "token_span",
+           "first_token_ids",
            "decode_tokens"]
 
 
@@ -98,18 +99,34 @@ def start_token_id(model_or_tokenizer) -> int | None:
     raise ParameterError("the tokenizer has no BOS, EOS or <|endoftext|> token to start a text with")
 
 
-def encode(model_or_tokenizer, prompts: str | Sequence[str]) -> Batch:
-    """Tokenise ``prompts`` (special tokens such as BOS added as the model expects), right-padded."""
+def text_ids(model_or_tokenizer, text: str, start: bool = False) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's special tokens (its BOS, where it adds one); with
+    ``start=True`` also :func:`start_token_id` first where the tokenizer adds no BOS, so that every
+    text begins with a start token whatever the model."""
+    tok = _tokenizer(model_or_tokenizer)
+    ids = list(tok(text)["input_ids"])
+    sid = start_token_id(tok) if start else None
+    return ids if sid is None else [sid] + ids
+
+
+def encode(model_or_tokenizer, prompts: str | Sequence[str], start: bool = False) -> Batch:
+    """Tokenise ``prompts`` (special tokens such as BOS added as the model expects), right-padded.
+
+    ``start=True`` puts :func:`start_token_id` before each prompt where the tokenizer adds no BOS
+    (chapters 2-7 do, so that position 0 is a start token and the attention sink for every model);
+    its character offset is ``(0, 0)``."""
     tok = _tokenizer(model_or_tokenizer)
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ParameterError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
     prompts = list(prompts)
+    sid = start_token_id(tok) if start else None
     enc = [tok(p, return_offsets_mapping=getattr(tok, "is_fast", False)) for p in prompts]
-    batch = pad_ids(tok, prompts, [e["input_ids"] for e in enc])
+    head = [] if sid is None else [sid]
+    batch = pad_ids(tok, prompts, [head + list(e["input_ids"]) for e in enc])
     if "offset_mapping" in enc[0]:
-        batch.offsets = [list(map(tuple, e["offset_mapping"])) for e in enc]
+        batch.offsets = [[(0, 0)] * len(head) + list(map(tuple, e["offset_mapping"])) for e in enc]
     return batch
 
 
@@ -149,7 +166,8 @@ def token_span(batch: Batch, row: int, substring: str, occurrence: str = "last")
         if e > s and s < hi and e > lo
     ]
     if not hits:
-        raise ParameterError(f"no token of the prompt {prompt!r} covers {substring!r} (the tokenizer reports no offsets there)")
+        raise ParameterError(f"no token of the prompt {prompt!r} covers {substring!r} "
+                             "(the tokenizer reports no offsets there)")
     return hits[0], hits[-1] + 1
 
 

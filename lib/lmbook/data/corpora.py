@@ -11,8 +11,9 @@ Built-in corpora need no download: they come from the Python installation that r
 from ``data/``. Provenance and licence of each are in ``data/corpora/<name>/README.md``.
 
 * ``licences``: the licence texts (``LICENSE*``, ``COPYING*``, ``NOTICE*``) that the installed
-  Python packages pinned in ``constraints.txt`` ship in their ``*.dist-info`` folders, each distinct text once (legal prose written
-  by people, very common on the web). One document per file.
+  Python packages listed in ``data/corpora/licences/distributions.txt`` (all pinned in
+  ``constraints.txt``) ship in their ``*.dist-info`` folders, each distinct
+  text once (legal prose written by people, very common on the web). One document per file.
 * ``python-docs``: the Python language reference as plain text, from the standard library's
   ``pydoc_data/topics.py`` (PSF licence). One document per topic.
 * ``python-code``: the source files at the top level of the Python standard library (PSF
@@ -38,7 +39,7 @@ from typing import Callable
 from lmbook.core.params import ParameterError, check_float, check_int, check_type, project_path
 
 __all__ = ["BUILTIN_CORPORA", "Corpus", "CorpusSource", "check_corpora", "load_documents",
-           "split_documents", "segment_text", "sample_segments", "build_corpus"]
+           "split_documents", "segment_text", "sample_segments", "build_corpus", "corpus_table", "python_version"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +81,13 @@ def _normalise(name: str) -> str:
 
 
 def _pinned_packages() -> set[str] | None:
-    """The distributions pinned in the project's ``constraints.txt`` (None without that file), so
-    that a package installed by hand beside the book's environment does not change the corpus."""
-    path = project_path("constraints.txt")
+    """The distributions the ``licences`` corpus reads: the fixed list
+    ``data/corpora/licences/distributions.txt`` (None without that file), so that neither a package
+    installed by hand nor a tool pinned later (a linter, a test driver) changes the corpus."""
+    path = project_path("data/corpora/licences/distributions.txt")
     if not path.is_file():
         return None
-    names = (ln.split("==")[0].strip() for ln in path.read_text(encoding="utf-8").splitlines() if "==" in ln)
+    names = (ln.strip() for ln in path.read_text(encoding="utf-8").splitlines())
     return {_normalise(n) for n in names if n and not n.startswith("#")}
 
 
@@ -155,14 +157,15 @@ def _folder_source(entry: str, folder: Path) -> CorpusSource:
             try:
                 text = f.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise ParameterError(f"CORPORA entry {entry!r}: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise ParameterError(f"CORPORA entry {entry!r}: {f} is not UTF-8 text "
+                                     f"({e.reason} at byte {e.start})") from None
             if text.strip():
                 out[str(f.relative_to(folder))] = text
         return out
 
     readme = folder / "README.md"
-    return CorpusSource(folder.name, f"your folder {folder}", "see the folder's README" if readme.is_file() else "unknown",
-                        readme if readme.is_file() else None, load)
+    licence = "see the folder's README" if readme.is_file() else "unknown"
+    return CorpusSource(folder.name, f"your folder {folder}", licence, readme if readme.is_file() else None, load)
 
 
 def check_corpora(value) -> list[CorpusSource]:
@@ -311,6 +314,13 @@ def build_corpus(source: CorpusSource, *, train_chars: int, test_chars: int, max
     test = sample_segments(pool(test_names), test_chars, seed + 1)
     return Corpus(source.name, source, [s for _, s in train], [s for _, s in test], train_names, test_names,
                   len(docs), sum(map(len, docs.values())), h.hexdigest()[:16])
+
+
+def corpus_table(corpora) -> "object":
+    """One row per corpus: :meth:`Corpus.summary` and the corpus's ``sha256``. A pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame([{**c.summary(), "sha256": c.sha256} for c in corpora])
 
 
 def python_version() -> str:

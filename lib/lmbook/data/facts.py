@@ -1,25 +1,25 @@
-"""The facts dataset: loading with schema checks, and which facts a model knows.
+"""The facts dataset: loading with schema checks, the answer's first token, and the words related
+to each subject (tokenizer only; no model is run here).
 
 Introduced in chapter 2 ("Dissecting factual recall"); chapter 3 reuses it to measure knowledge
-before and after further pretraining. The schema is documented in ``data/facts/README.md``.
+before and after further pretraining (which facts a model knows is
+:func:`lmbook.experiments.recall.known_mask`). The schema is documented in ``data/facts/README.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from lmbook.core.models import trace
-from lmbook.mechanisms.readout import final_logits
-from lmbook.core.params import ParameterError, check_file, check_int, read_jsonl
-from lmbook.core.tokens import encode, first_token_ids
+from lmbook.core.params import ParameterError, check_file, read_jsonl
+from lmbook.core.tokens import first_token_ids
 
-__all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "known_mask", "recall_accuracy",
-           "STOPWORDS", "related_token_sets", "word_pieces"]
+__all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "STOPWORDS", "related_token_sets",
+           "word_pieces"]
 
 FACT_FIELDS = {"id": str, "relation": str, "subject": str, "template": str, "prompt": str, "attribute": str}
 
@@ -41,6 +41,8 @@ def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_P
     wrong type, a prompt that is not ``template.format(subject)``, a subject that does not occur
     in its prompt, an attribute with surrounding spaces, a duplicate id.
     """
+    import string
+
     path = check_file(name, path)
     facts, seen = [], {}
     for lineno, rec in read_jsonl(path, name):
@@ -53,13 +55,21 @@ def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_P
         for key, typ in FACT_FIELDS.items():
             if not isinstance(rec[key], typ) or not rec[key].strip():
                 raise ParameterError(f"{where}: field {key!r} must be a non-empty string, got {rec[key]!r}")
-        if "{}" not in rec["template"] or rec["template"].format(rec["subject"]) != rec["prompt"]:
+        try:  # exactly one placeholder, "{}": "{} in {region}" or a lone "{" is reported, not raised as KeyError
+            fields = [f for _, f, _, _ in string.Formatter().parse(rec["template"]) if f is not None]
+        except ValueError as e:
+            fields = [f"<{e}>"]
+        if fields != [""]:
+            raise ParameterError(f"{where}: template {rec['template']!r} must contain exactly one placeholder '{{}}' "
+                                 f"(for the subject) and no other braces; found {fields}")
+        if rec["template"].format(rec["subject"]) != rec["prompt"]:
             raise ParameterError(f"{where}: prompt {rec['prompt']!r} is not template.format(subject) "
                                  f"for template {rec['template']!r} and subject {rec['subject']!r}")
         if rec["attribute"] != rec["attribute"].strip():
             raise ParameterError(f"{where}: attribute {rec['attribute']!r} has surrounding whitespace")
         if rec["prompt"] != rec["prompt"].rstrip():
-            raise ParameterError(f"{where}: prompt ends with whitespace; the answer's leading space belongs to the answer")
+            raise ParameterError(f"{where}: prompt ends with whitespace; the answer's leading space belongs to "
+                                 "the answer")
         if rec["id"] in seen:
             raise ParameterError(f"{where}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
         seen[rec["id"]] = lineno
@@ -69,43 +79,27 @@ def load_facts(path: str | Path = "data/facts/facts.jsonl", name: str = "FACTS_P
     return facts
 
 
-def load_descriptions(path: str | Path = "data/facts/subjects.jsonl", name: str = "DESCRIPTIONS_PATH") -> dict[str, str]:
+def load_descriptions(path: str | Path = "data/facts/subjects.jsonl",
+                      name: str = "DESCRIPTIONS_PATH") -> dict[str, str]:
     """``{subject: description}`` from a JSON-lines file of ``{"subject", "description"}`` records."""
     path = check_file(name, path)
     out: dict[str, str] = {}
     for lineno, rec in read_jsonl(path, name):
         if set(rec) != {"subject", "description"} or not all(isinstance(v, str) and v.strip() for v in rec.values()):
-            raise ParameterError(f"{name} {path}, line {lineno}: expected non-empty string fields 'subject' and 'description'")
+            raise ParameterError(f"{name} {path}, line {lineno}: expected non-empty string fields 'subject' "
+                                 "and 'description'")
         if rec["subject"] in out:
             raise ParameterError(f"{name} {path}, line {lineno}: duplicate subject {rec['subject']!r}")
         out[rec["subject"]] = rec["description"]
+    if not out:
+        raise ParameterError(f"{name} {path}: the file holds no descriptions")
     return out
 
 
 def answer_token_ids(model, facts: Sequence[Fact]) -> torch.Tensor:
-    """First token id of ``" " + attribute`` for each fact, ``[N]``."""
+    """First token id of ``" " + attribute`` for each fact, ``[N]`` (``model``: a model or its
+    tokenizer). Chapter 2's target token for every experiment."""
     return first_token_ids(model, [" " + f.attribute for f in facts])
-
-
-def known_mask(model, facts: Sequence[Fact], batch_size: int = 64) -> torch.Tensor:
-    """Which facts the model knows: its top-1 next token after the prompt is the attribute's first
-    token. Returns a bool tensor ``[N]``. Prompts are sorted by length into batches to limit padding."""
-    check_int("batch_size", batch_size, 1)
-    target = answer_token_ids(model, facts)
-    order = sorted(range(len(facts)), key=lambda i: len(facts[i].prompt))
-    top1 = torch.empty(len(facts), dtype=torch.long)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = encode(model, [facts[i].prompt for i in idx])
-        with torch.no_grad(), trace(model, b, last_only=True):
-            t = final_logits(model, b, last_only=True).argmax(-1).save()
-        top1[idx] = t.cpu()
-    return top1 == target
-
-
-def recall_accuracy(model, facts: Sequence[Fact], batch_size: int = 64) -> float:
-    """Fraction of facts the model knows (see :func:`known_mask`)."""
-    return float(known_mask(model, facts, batch_size).float().mean())
 
 
 # A short stop-word list written for this book (function words, auxiliaries, pronouns), used to
@@ -149,10 +143,12 @@ def related_token_sets(model, facts: Sequence[Fact], descriptions: dict[str, str
     by_subject: dict[str, set[str]] = {}
     for f in facts:
         if f.subject not in descriptions:
-            raise ParameterError(f"no description for subject {f.subject!r} (fact {f.id}); add it to the descriptions file")
+            raise ParameterError(f"no description for subject {f.subject!r} (fact {f.id}); "
+                                 "add it to the descriptions file")
         words = by_subject.setdefault(f.subject, set())
         words.update(w.lower() for w in _WORD.findall(descriptions[f.subject]))
         words.update(w.lower() for w in _WORD.findall(f.attribute))
+
     def pieces(word: str) -> set[str]:
         return word_pieces(model, word)
 

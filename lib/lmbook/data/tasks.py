@@ -92,57 +92,62 @@ def _check_text(value, what: str, where: str) -> str:
     return value
 
 
-def _read_file(path: Path, tasks: dict[str, list[tuple[str, str]]], sources: dict[str, str]) -> None:
+def _read_file(path: Path, tasks: dict[str, list[tuple[str, str]]], sources: dict[str, str], name: str) -> None:
+    param = name
     seen: dict[tuple[str, str], int] = {}
-    for n, row in read_jsonl(path):
-        where = f"{path}, line {n}"
+    for n, row in read_jsonl(path, param):
+        where = f"{param} {path}, line {n}"
         extra = set(row) - _FIELDS
         if extra:
             raise ParameterError(f"{where}: unknown field(s) {sorted(extra)}; allowed fields: {sorted(_FIELDS)}")
         for key in ("input", "output"):
             if key not in row:
                 raise ParameterError(f"{where}: missing field {key!r}; each line needs 'input' and 'output'")
-        name = row.get("task", path.stem)
-        _check_text(name, "'task'", where)
+        task = row.get("task", path.stem)
+        _check_text(task, "'task'", where)
         x = _check_text(row["input"], "'input'", where)
         y = _check_text(row["output"], "'output'", where)
-        if (name, x) in seen:
-            raise ParameterError(f"{where}: input {x!r} of task {name!r} already appears on line {seen[name, x]}")
-        seen[name, x] = n
-        if name in sources and sources[name] != str(path):
-            raise ParameterError(f"{where}: task {name!r} is also defined in {sources[name]}")
-        sources[name] = str(path)
-        tasks.setdefault(name, []).append((x, y))
+        if (task, x) in seen:
+            raise ParameterError(f"{where}: input {x!r} of task {task!r} already appears on line {seen[task, x]}")
+        seen[task, x] = n
+        if task in sources and sources[task] != str(path):
+            raise ParameterError(f"{where}: task {task!r} is also defined in {sources[task]}")
+        sources[task] = str(path)
+        tasks.setdefault(task, []).append((x, y))
 
 
-def load_tasks(path, min_pairs: int = 1) -> dict[str, Task]:
+def load_tasks(path, min_pairs: int = 1, name: str = "TASKS_PATH") -> dict[str, Task]:
     """Read tasks from a ``.jsonl`` file or from every ``*.jsonl`` file in a folder.
 
     ``path`` is absolute or relative to the project root. Raises :class:`ParameterError` naming
-    the file and line of the first malformed entry, and for a task with fewer than ``min_pairs`` pairs.
+    the parameter ``name``, the file and line of the first malformed entry (bytes that are not
+    UTF-8 included), and for a task with fewer than ``min_pairs`` pairs.
     Returns ``{name: Task}`` in file order.
     """
-    if not isinstance(path, (str, Path)):
-        raise ParameterError(f"TASKS_PATH must be a path (str), got {type(path).__name__} {path!r}")
+    param = name
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ParameterError(f"{param} must be a path (str) of a .jsonl task file or a folder of them, "
+                             f"got {type(path).__name__} {path!r}")
     p = project_path(path)
     if p.is_dir():
         files = sorted(p.glob("*.jsonl"))
         if not files:
-            raise ParameterError(f"TASKS_PATH={str(path)!r} is a folder without any .jsonl task file")
+            raise ParameterError(f"{param}={str(path)!r} is a folder without any .jsonl task file")
     elif p.is_file():
         files = [p]
     else:
-        raise ParameterError(f"TASKS_PATH={str(path)!r}: no such file or folder (looked for {p})")
+        raise ParameterError(f"{param}={str(path)!r}: no such file or folder (looked for {p})")
     tasks: dict[str, list[tuple[str, str]]] = {}
     sources: dict[str, str] = {}
     for f in files:
-        _read_file(f, tasks, sources)
+        _read_file(f, tasks, sources, param)
     if not tasks:
-        raise ParameterError(f"TASKS_PATH={str(path)!r} holds no input/output pairs")
-    for name, pairs in tasks.items():
+        raise ParameterError(f"{param}={str(path)!r} holds no input/output pairs")
+    for task, pairs in tasks.items():
         if len(pairs) < min_pairs:
-            raise ParameterError(f"task {name!r} in {sources[name]} has {len(pairs)} pairs; at least {min_pairs} are needed")
-    return {name: Task(name, tuple(pairs), sources[name]) for name, pairs in tasks.items()}
+            raise ParameterError(f"{param}: task {task!r} in {sources[task]} has {len(pairs)} pairs; "
+                                 f"at least {min_pairs} are needed")
+    return {task: Task(task, tuple(pairs), sources[task]) for task, pairs in tasks.items()}
 
 
 def split_task(task: Task, n_val: int, n_test: int, min_demos: int, seed: int = 0) -> TaskSplit:

@@ -15,8 +15,8 @@ the same ``o`` turns ``China`` into ``Beijing`` in an unrelated context.
 What a sublayer *writes* into the residual stream is read here, not nnterp's ``mlps_output``
 alone: Gemma 2 and 3 normalise the MLP's output again (``post_feedforward_layernorm``) before
 adding it, so the write is that norm's output; in pre-norm models it is ``mlps_output[l]``
-(:func:`sublayer_writes`; ``residual before + attention write + MLP write = residual after`` is
-tested in ``tests/test_arithmetic.py``).
+(:func:`lmbook.mechanisms.sublayers.sublayer_writes`; ``residual before + attention write + MLP
+write = residual after`` is tested in ``tests/test_sublayers.py``).
 """
 
 from __future__ import annotations
@@ -26,16 +26,15 @@ from typing import Sequence
 
 import torch
 
-from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_int, check_layers
-from lmbook.core.tokens import Batch
+from lmbook.core.tokens import Batch, encode, first_token_ids
+from lmbook.mechanisms.interventions import intervene_sweep
+from lmbook.mechanisms.readout import lens_on_states, next_token, target_logits
+from lmbook.mechanisms.sublayers import sublayer_writes
 
 __all__ = [
     "one_shot_prompt",
     "copy_prompt",
-    "sublayer_writes",
-    "lens_on_states",
-    "lens_logits",
     "LensPair",
     "lens_pair",
     "switch_layer",
@@ -67,71 +66,6 @@ def copy_prompt(word: str, filler: str = "table mug free", repeats: int = 2) -> 
     return " ".join([f"{filler} {word}"] * repeats + [filler])
 
 
-def _mlp_post_norm(model, layer: int) -> bool:
-    return getattr(model.layers[layer]._module, "post_feedforward_layernorm", None) is not None
-
-
-def sublayer_writes(model, batch: Batch, layers=None) -> dict[str, torch.Tensor]:
-    """At each prompt's last token and each of ``layers`` (default all): what the attention block
-    and the MLP write into the residual stream, and the residual stream after the layer.
-
-    Returns ``{"attn", "mlp", "resid"}`` each ``[L, B, d]``. The residual stream between the two
-    sublayers (what the MLP reads) is ``resid - mlp``.
-    """
-    layers = sorted(set(check_layers("layers", layers, model.num_layers)))
-    rows, pos = batch.rows(), batch.last
-    post = {l: _mlp_post_norm(model, l) for l in layers}
-    with torch.no_grad(), trace(model, batch, logits_to_keep=1):  # no logits needed
-        attn, mlp, resid = list().save(), list().save(), list().save()
-        for l in layers:
-            if post[l]:
-                attn.append(model.layers[l].post_attention_layernorm.output[rows, pos])
-                mlp.append(model.layers[l].post_feedforward_layernorm.output[rows, pos])
-            else:
-                attn.append(model.attentions_output[l][rows, pos])
-                mlp.append(model.mlps_output[l][rows, pos])
-            resid.append(model.layers_output[l][rows, pos])
-    return {"attn": torch.stack(attn).float().cpu(), "mlp": torch.stack(mlp).float().cpu(), "resid": torch.stack(resid).float().cpu()}
-
-
-def lens_on_states(model, states: torch.Tensor, targets: torch.Tensor, k: int = 1):
-    """The logit lens on given residual-stream vectors: final norm, then unembedding.
-
-    ``states``: ``[L, B, d]``; ``targets``: ``[B, T]`` token ids. Returns ``(target_logprobs
-    [L, B, T], top_ids [L, B, k])``, one layer at a time so no ``[L, B, vocab]`` tensor is kept.
-    """
-    norm, head = model.ln_final._module, model.lm_head._module
-    tg = _check_targets(targets, states)
-    lps, tops = [], []
-    with torch.no_grad():
-        for h in states:
-            lp = head(norm(h.to(device=head.weight.device, dtype=head.weight.dtype))).float().log_softmax(-1)
-            lps.append(lp.gather(-1, tg.to(lp.device)).cpu())
-            tops.append(lp.topk(k, dim=-1).indices.cpu())
-    return torch.stack(lps), torch.stack(tops)
-
-
-def lens_logits(model, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Logit-lens *logits* of the ``targets`` only (``[L, B, T]``), without the rest of the
-    vocabulary: enough to compare two tokens, at a tiny fraction of :func:`lens_on_states`'s cost."""
-    norm, head = model.ln_final._module, model.lm_head._module
-    tg = _check_targets(targets, states)
-    rows = head.weight[tg.to(head.weight.device)].float()  # [B, T, d]
-    with torch.no_grad():
-        x = norm(states.to(device=head.weight.device, dtype=head.weight.dtype)).float()  # [L, B, d]
-        out = torch.einsum("lbd,btd->lbt", x, rows)
-        if getattr(head, "bias", None) is not None:
-            out = out + head.bias[tg.to(head.weight.device)].float()
-    return out.cpu()
-
-
-def _check_targets(targets, states):
-    tg = torch.as_tensor(targets, dtype=torch.long)
-    if tg.ndim != 2 or tg.shape[0] != states.shape[1]:
-        raise ParameterError(f"targets must be [B={states.shape[1]}, T], got {tuple(tg.shape)}")
-    return tg
-
-
 @dataclasses.dataclass
 class LensPair:
     """Logit-lens readings of an argument token and an answer token at every layer, at each
@@ -160,8 +94,8 @@ def lens_pair(model, batch: Batch, arg_ids: torch.Tensor, ans_ids: torch.Tensor)
     w = sublayer_writes(model, batch)
     tg = torch.stack([torch.as_tensor(arg_ids), torch.as_tensor(ans_ids)], 1)
     lp, top = lens_on_states(model, w["resid"], tg)
-    after = lens_logits(model, w["resid"], tg)
-    mid = lens_logits(model, w["resid"] - w["mlp"], tg)
+    after = target_logits(model, w["resid"], tg)
+    mid = target_logits(model, w["resid"] - w["mlp"], tg)
     return LensPair(lp[..., 0], lp[..., 1], top[..., 0], after[..., 1] - after[..., 0], mid[..., 1] - mid[..., 0],
                     w["mlp"], w["resid"])
 
@@ -265,15 +199,15 @@ def transition_layer(switch: torch.Tensor, lens: LensPair, usable: torch.Tensor)
     return int(gain.mean(1).argmax())
 
 
-def relation_lens(model, relation: str, pairs, question: str, prefix: str = "", layer: int | None = None) -> RelationLens:
+def relation_lens(model, relation: str, pairs, question: str, prefix: str = "",
+                  layer: int | None = None) -> RelationLens:
     """Merullo et al.'s first observation for one relation: the logit lens on one-shot prompts.
 
     ``pairs[0]`` is the one-shot example; every other pair is probed with :func:`one_shot_prompt`.
     """
-    from lmbook.core.tokens import encode, first_token_ids
-
     if len(pairs) < 2:
-        raise ParameterError(f"relation {relation!r} needs at least two pairs (one example, one probe), got {len(pairs)}")
+        raise ParameterError(f"relation {relation!r} needs at least two pairs (one example, one probe), "
+                             f"got {len(pairs)}")
     example, items = tuple(pairs[0]), [tuple(p) for p in pairs[1:]]
     batch = encode(model, [prefix + one_shot_prompt(question, example, x) for x, _ in items])
     arg = first_token_ids(model, [" " + x for x, _ in items])
@@ -305,8 +239,6 @@ def relation_edits(model, rl: RelationLens, n_source: int, n_sweep: int, scales,
     """
     import random
 
-    from lmbook.experiments.taskvectors import intervene_sweep, next_token
-    from lmbook.core.tokens import encode
 
     check_int("n_source", n_source, 1)
     check_int("n_sweep", n_sweep, 1)
@@ -337,7 +269,8 @@ def relation_edits(model, rl: RelationLens, n_source: int, n_sweep: int, scales,
     eb = rl.batch.select(evals)
     r = intervene_sweep(model, eb, torch.stack(list(edits.values())), [layer] * len(edits), mode="add",
                         max_rows=max_rows)
-    conditions = {name: {"reverted": r.top1[i] == arg[ev], "answer": r.top1[i] == ans[ev]} for i, name in enumerate(edits)}
+    conditions = {name: {"reverted": r.top1[i] == arg[ev], "answer": r.top1[i] == ans[ev]}
+                  for i, name in enumerate(edits)}
 
     sw = ev[:n_sweep]
     vl = mlp[:, sources].mean(1)  # [L, d]

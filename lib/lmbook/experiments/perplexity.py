@@ -1,123 +1,63 @@
-"""Perplexity and what it hides: per-token losses, bits per byte, token classes, and cheap further
-pretraining of a model's top layers.
+"""Perplexity and what it hides, after Öncel et al. (2024): bits per byte, which tokens carry the
+loss, and what continued pretraining on a domain does to perplexity and to knowledge.
 
-Introduced in chapter 3 ("Perplexity pitfalls"), after Öncel et al. (2024).
+The protocol of chapter 3 ("Perplexity pitfalls"). The mechanisms it stands on live elsewhere:
+scoring texts token by token in :mod:`lmbook.mechanisms.likelihood` (:func:`encode_texts`,
+:func:`token_nll`), training the top blocks on cached lower-layer states in
+:mod:`lmbook.mechanisms.training`. This module adds
 
-Scoring. Each text is scored on its own: a start token (the tokenizer's own BOS where it adds one,
-else ``<|endoftext|>``, else BOS/EOS) is put in front, and every token of the text is predicted
-from what precedes it, so the scored tokens cover the text's bytes exactly once. Then
-
-* perplexity per token = ``exp(total nats / number of tokens)`` (depends on the tokenizer);
-* bits per byte = ``total nats / ln 2 / number of UTF-8 bytes`` (comparable across tokenizers).
-
-Per-token losses come from one nnsight trace per batch (:func:`token_nll`).
-
-Training. :func:`adapt` continues pretraining with plain PyTorch (AdamW, constant learning rate,
-gradient clipping) on the **top** ``k`` layers and the final norm only. The lower layers are frozen,
-so their output on a fixed text never changes: :func:`prefix_states` computes it once (an nnsight
-trace), and :func:`skip_lower_layers` swaps the lower layers for a stub that returns those cached
-states, so every training step and every evaluation runs only the top layers and the unembedding.
-``tests/test_perplexity.py`` checks that this gives the same losses as the full model.
+* the measures: perplexity per token = ``exp(total nats / number of tokens)`` (depends on the
+  tokenizer) and bits per byte = ``total nats / ln 2 / number of UTF-8 bytes`` (comparable across
+  tokenizers), :func:`summarize`; token classes and loss shares (:func:`token_class`,
+  :func:`token_table`, :func:`class_shares`, :func:`top_token_shares`);
+* :func:`adapt`: one continued-pretraining run scored on every test domain after each pass;
+* the chapter's sections as protocol functions returning small dataclasses, each with a
+  ``records()`` dict of what the chapter records: :func:`score_models` and :func:`tokenizer_gap`
+  (section 1), :func:`loss_concentration` (section 2), :func:`adaptation_baseline`,
+  :func:`adaptation_sweep` and :func:`change_drivers` (section 3), :func:`recall_changes`
+  (section 4).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import unicodedata
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
-from lmbook.core.models import trace
-from lmbook.core.params import ParameterError, check_int
-from lmbook.core.tokens import Batch, pad_ids, start_token_id
+from lmbook.core.params import check_int
+from lmbook.core.stats import bootstrap_ci
+from lmbook.core.tokens import Batch, encode
 from lmbook.core.tokens import _tokenizer as _tok
-from lmbook.mechanisms.likelihood import logits_nll
+from lmbook.data.facts import Fact, answer_token_ids
+from lmbook.mechanisms.likelihood import Scored, encode_texts, token_nll
+from lmbook.mechanisms.readout import top1_matches
+from lmbook.mechanisms.training import (
+    cached_last_top1,
+    cached_nll,
+    prefix_states,
+    restore_after,
+    top_layer_parameters,
+    train_top_layers,
+)
 
-__all__ = ["Scored", "encode_texts", "token_nll", "summarize", "token_texts", "token_class",
-           "CLASSES", "token_table", "class_shares", "top_token_shares", "ppl_excluding", "layer_modules",
-           "skip_lower_layers", "prefix_states", "cached_nll", "cached_last_top1", "top_layer_parameters", "restore_after",
-           "AdaptResult", "adapt"]
+__all__ = ["LN2", "summarize", "CLASSES", "WHITESPACE", "token_class", "token_texts", "token_table", "class_shares",
+           "top_token_shares", "ppl_excluding", "readable_tokens", "evenly_spaced", "AdaptResult", "adapt",
+           "ModelScores", "score_models", "TokenizerGap", "tokenizer_gap", "LossConcentration", "loss_concentration",
+           "Baseline", "adaptation_baseline", "AdaptationRun", "Sweep", "adaptation_sweep", "ChangeDrivers",
+           "change_drivers", "RecallChanges", "recall_changes"]
 
 LN2 = math.log(2.0)
+WHITESPACE = ["newline", "space"]
+"""The token classes that are whitespace (see :data:`CLASSES`)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Scoring texts
-
-
-@dataclasses.dataclass
-class Scored:
-    """Texts encoded for scoring. ``batch.input_ids`` is ``[B, T]`` (start token first, right-padded);
-    ``nbytes`` is ``[B]``, the UTF-8 length of each text."""
-
-    texts: list[str]
-    batch: Batch
-    nbytes: torch.Tensor
-
-    @property
-    def target_mask(self) -> torch.Tensor:
-        """``[B, T-1]``: 1 where position ``t+1`` holds a real token predicted from position ``t``."""
-        return self.batch.attention_mask[:, 1:].float()
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def select(self, idx: Sequence[int]) -> "Scored":
-        idx = list(idx)
-        return Scored([self.texts[i] for i in idx], self.batch.select(idx), self.nbytes[idx])
-
-
-def encode_texts(model_or_tokenizer, texts: Sequence[str]) -> Scored:
-    """Encode ``texts`` for scoring (see the module docstring), right-padded."""
-    tok = _tok(model_or_tokenizer)
-    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t for t in texts):
-        raise ParameterError("texts must be a non-empty list of non-empty strings")
-    start = start_token_id(tok)
-    rows = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=start is None)["input_ids"]
-        rows.append(([start] if start is not None else []) + list(ids))
-    batch = pad_ids(tok, texts, rows)
-    nbytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.long)
-    return Scored(list(texts), batch, nbytes)
-
-
-def _batches(texts, batch_size: int):
-    """Index groups of similar length (less padding); ``texts`` is a :class:`Scored` or a ``Batch``."""
-    check_int("batch_size", batch_size, 1)
-    last = _as_batch(texts).last
-    order = sorted(range(len(last)), key=lambda i: int(last[i]))
-    for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
-
-
-def token_nll(model, scored: Scored, batch_size: int = 4, states_after: int | None = None):
-    """Loss of every scored token, ``[B, T-1]`` nats (0 at padding), one nnsight trace per batch.
-
-    With ``states_after=l`` the same traces also read the residual stream after block ``l`` at every
-    position and the call returns ``(nll, states [B, T, d])``: the cache :func:`prefix_states`
-    would compute for ``n_frozen = l + 1``, without a second forward pass."""
-    T = scored.batch.input_ids.shape[1]
-    out = torch.zeros(len(scored), T - 1)
-    states = None
-    if states_after is not None:
-        check_int("states_after", states_after, 0, model.num_layers - 1)
-        states = torch.zeros(len(scored), T, model.hidden_size)
-    for idx in _batches(scored, batch_size):
-        sub = scored.batch.select(idx)
-        w = sub.input_ids.shape[1]
-        with torch.no_grad(), trace(model, sub):
-            if states_after is not None:
-                h = model.layers_output[states_after].save()
-            nll = logits_nll(model.logits, sub.input_ids, sub.attention_mask[:, 1:]).save()
-        out[idx, : w - 1] = nll.float().cpu()
-        if states is not None:
-            states[idx, :w] = h.float().cpu()
-    return out if states is None else (out, states)
+# Bits per byte
 
 
 def summarize(nll: torch.Tensor, scored: Scored) -> dict:
@@ -220,149 +160,22 @@ def ppl_excluding(table, classes: Sequence[str]) -> float:
     return math.exp(keep["nll"].mean()) if len(keep) else float("nan")
 
 
+def readable_tokens(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each token text shown as its ``repr``, so whitespace is visible."""
+    return table.assign(text=table["text"].map(repr))
+
+
+def evenly_spaced(items: Sequence, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (all of them when ``n`` is 0 or not smaller)."""
+    check_int("n", n, 0)
+    items = list(items)
+    if not n or n >= len(items):
+        return items
+    return [items[round(i * len(items) / n)] for i in range(n)]
+
+
 # --------------------------------------------------------------------------------------------------
-# Training the top layers on cached lower-layer states
-
-
-def layer_modules(model) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks (the module behind nnterp's ``model.layers``)."""
-    layers = getattr(model.layers, "_module", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ParameterError("could not find the model's list of layers behind model.layers")
-    return layers
-
-
-def _final_norm(model) -> torch.nn.Module:
-    return model.ln_final._module
-
-
-class _CachedOutput(torch.nn.Module):
-    """Stands in for the frozen lower blocks: returns the cached residual stream it is given."""
-
-    def __init__(self):
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.value is None:
-            raise RuntimeError("skip_lower_layers: set the cached states before the forward pass")
-        if self.value.shape[:2] != hidden_states.shape[:2]:
-            raise RuntimeError(f"cached states {tuple(self.value.shape)} do not match the input {tuple(hidden_states.shape)}")
-        return self.value.to(device=hidden_states.device, dtype=hidden_states.dtype)
-
-
-@contextlib.contextmanager
-def skip_lower_layers(model, n_frozen: int):
-    """Inside this context the model's blocks ``0 .. n_frozen-1`` are replaced by one stub whose
-    output is ``stub.value`` (set it to the cached states of the batch before each forward). The
-    blocks are put back on exit, also after an error. ``n_frozen=0`` changes nothing."""
-    layers = layer_modules(model)
-    check_int("n_frozen", n_frozen, 0, len(layers) - 1)
-    originals = [layers[i] for i in range(n_frozen)]
-    stub = _CachedOutput()
-    try:
-        for i in range(n_frozen):
-            layers[i] = stub
-        yield stub
-    finally:
-        for i, m in enumerate(originals):
-            layers[i] = m
-
-
-def _as_batch(x) -> Batch:
-    return x.batch if isinstance(x, Scored) else x
-
-
-def prefix_states(model, texts, n_frozen: int, batch_size: int = 8) -> torch.Tensor | None:
-    """Residual stream after block ``n_frozen - 1`` at every position, ``[B, T, d]`` (nnsight), or
-    ``None`` when ``n_frozen == 0`` (nothing is frozen, nothing to cache). ``texts`` is a
-    :class:`Scored` or a :class:`lmbook.core.tokens.Batch`."""
-    check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
-    if n_frozen == 0:
-        return None
-    batch = _as_batch(texts)
-    T = batch.input_ids.shape[1]
-    out = torch.zeros(len(batch), T, model.hidden_size)
-    for idx in _batches(batch, batch_size):
-        sub = batch.select(idx)
-        with torch.no_grad(), trace(model, sub):
-            h = model.layers_output[n_frozen - 1].save()
-        out[idx, : sub.input_ids.shape[1]] = h.float().cpu()
-    return out
-
-
-def _forward_logits(model, stub, states, ids, mask):
-    hf = model._model
-    device = next(hf.parameters()).device
-    if stub is not None:
-        stub.value = states.to(device)
-    return hf(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-
-
-def cached_nll(model, scored: Scored, states: torch.Tensor | None, n_frozen: int, batch_size: int = 8) -> torch.Tensor:
-    """Like :func:`token_nll`, but running only blocks ``n_frozen ..`` on cached ``states``
-    (from :func:`prefix_states`); plain PyTorch, so it also works while the model is being trained."""
-    T = scored.batch.input_ids.shape[1]
-    out = torch.zeros(len(scored), T - 1)
-    with torch.no_grad(), skip_lower_layers(model, n_frozen) as stub:
-        for idx in _batches(scored, batch_size):
-            sub = scored.batch.select(idx)
-            w = sub.input_ids.shape[1]
-            logits = _forward_logits(model, stub if n_frozen else None,
-                                     None if states is None else states[idx, :w], sub.input_ids, sub.attention_mask)
-            out[idx, : w - 1] = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:]).float().cpu()
-    return out
-
-
-def cached_last_top1(model, batch: Batch, states: torch.Tensor | None, n_frozen: int, batch_size: int = 64) -> torch.Tensor:
-    """Top-1 next token after each row's last token, ``[B]``, running only blocks ``n_frozen ..`` on
-    cached ``states`` of ``batch`` (a :class:`lmbook.core.tokens.Batch`, as :func:`lmbook.data.facts.known_mask`
-    encodes its prompts). Logits are computed at the last tokens only."""
-    hf = model._model
-    device = next(hf.parameters()).device
-    out = torch.empty(len(batch), dtype=torch.long)
-    with torch.no_grad(), skip_lower_layers(model, n_frozen) as stub:
-        for idx in _batches(batch, batch_size):
-            sub = batch.select(idx)
-            keep = torch.unique(sub.last)
-            if n_frozen:
-                stub.value = states[idx, : sub.input_ids.shape[1]].to(device)
-            logits = hf(input_ids=sub.input_ids.to(device), attention_mask=sub.attention_mask.to(device),
-                        use_cache=False, logits_to_keep=keep.to(device)).logits
-            col = torch.searchsorted(keep, sub.last)
-            out[idx] = logits[torch.arange(len(idx)), col.to(logits.device)].argmax(-1).cpu()
-    return out
-
-
-def top_layer_parameters(model, n_train_layers: int) -> list[torch.nn.Parameter]:
-    """Parameters of the top ``n_train_layers`` blocks and of the final norm (the ones :func:`adapt`
-    trains). Embeddings and the unembedding stay frozen."""
-    n = model.num_layers
-    check_int("n_train_layers", n_train_layers, 1, n)
-    layers = layer_modules(model)
-    params = [p for i in range(n - n_train_layers, n) for p in layers[i].parameters()]
-    params += list(_final_norm(model).parameters())
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-@contextlib.contextmanager
-def restore_after(params: Sequence[torch.nn.Parameter]):
-    """Keep a CPU copy of ``params`` and write it back on exit, so every adaptation starts from the
-    same base model. ``requires_grad`` is switched off again too."""
-    saved = [p.detach().to("cpu", copy=True) for p in params]
-    try:
-        yield params
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s.to(p.device))
-                p.requires_grad_(False)
-                p.grad = None
+# One continued-pretraining run
 
 
 @dataclasses.dataclass
@@ -383,25 +196,19 @@ def adapt(model, train: Scored, train_states, evals: dict, *, n_train_layers: in
           batch_size: int = 4, eval_every: int | None = None, eval_steps: Sequence[int] | None = None,
           seed: int = 0, max_grad_norm: float = 1.0, initial_nats: dict | None = None,
           desc: str = "training") -> AdaptResult:
-    """Continue pretraining the top ``n_train_layers`` blocks (and the final norm) on ``train``.
+    """Continue pretraining the top ``n_train_layers`` blocks (and the final norm) on ``train``
+    (:func:`lmbook.mechanisms.training.train_top_layers`) and score the eval sets along the way.
 
     ``train_states`` and the states in ``evals`` (``{name: (scored, states)}``) come from
-    :func:`prefix_states` with ``n_frozen = model.num_layers - n_train_layers``. AdamW with a
-    constant learning rate ``lr``, no weight decay, gradients clipped to ``max_grad_norm``; the
-    batches of each epoch are a seeded permutation of the training segments. The eval sets are
-    scored at step 0, every ``eval_every`` steps (or at ``eval_steps``) and after the last step.
-    The weights are changed in place: wrap the call in :func:`restore_after`. ``epochs=0`` trains
-    nothing and scores the eval sets once. ``initial_nats`` (``{name: total nats}`` of the base
-    model, the same for every run) spares scoring the eval sets again at step 0.
+    :func:`lmbook.mechanisms.training.prefix_states` with ``n_frozen = model.num_layers -
+    n_train_layers``. The eval sets are scored at step 0, every ``eval_every`` steps (or at
+    ``eval_steps``) and after the last step. The weights are changed in place: wrap the call in
+    :func:`lmbook.mechanisms.training.restore_after`. ``epochs=0`` trains nothing and scores the
+    eval sets once. ``initial_nats`` (``{name: total nats}`` of the base model, the same for every
+    run) spares scoring the eval sets again at step 0.
     """
-    from tqdm.auto import tqdm
-
     check_int("epochs", epochs, 0)
     n_frozen = model.num_layers - n_train_layers
-    params = top_layer_parameters(model, n_train_layers)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train) / batch_size)
     total = per_epoch * epochs
     marks = set(eval_steps or []) | {0, total}
@@ -409,9 +216,10 @@ def adapt(model, train: Scored, train_states, evals: dict, *, n_train_layers: in
         marks |= set(range(0, total + 1, eval_every))
     marks = sorted(m for m in marks if 0 <= m <= total)
     res = AdaptResult(marks, {k: [] for k in evals}, {}, [], per_epoch)
-    gen = torch.Generator().manual_seed(seed)
 
     def evaluate(step):
+        if step not in marks:
+            return
         for name, (sc, st) in evals.items():
             nll = cached_nll(model, sc, st, n_frozen)
             res.eval_nats[name].append(float((nll * sc.target_mask).sum()))
@@ -423,32 +231,408 @@ def adapt(model, train: Scored, train_states, evals: dict, *, n_train_layers: in
             res.eval_nats[name].append(float(initial_nats[name]))
     else:
         evaluate(0)
-    step = 0
-    bar = tqdm(total=total, desc=desc, leave=False)
-    try:
-        for _ in range(epochs):
-            perm = torch.randperm(len(train), generator=gen).tolist()
-            for s in range(0, len(perm), batch_size):
-                idx = perm[s:s + batch_size]
-                sub = train.batch.select(idx)
-                w = sub.input_ids.shape[1]
-                with skip_lower_layers(model, n_frozen) as stub:
-                    logits = _forward_logits(model, stub if n_frozen else None,
-                                             None if train_states is None else train_states[idx, :w],
-                                             sub.input_ids, sub.attention_mask)
-                nll = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:])
-                loss = nll.sum() / sub.attention_mask[:, 1:].sum().to(nll.device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
-                res.train_loss.append(float(loss.detach()))
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{res.train_loss[-1]:.3f}")
-                if step in marks:
-                    evaluate(step)
-    finally:
-        bar.close()
-        opt.zero_grad(set_to_none=True)
+    res.train_loss = train_top_layers(model, train, train_states, n_train_layers=n_train_layers, lr=lr,
+                                      epochs=epochs, batch_size=batch_size, seed=seed, max_grad_norm=max_grad_norm,
+                                      on_step=evaluate, desc=desc)
     return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 1: every model on every domain, and what the tokenizer does to perplexity
+
+
+@dataclasses.dataclass
+class ModelScores:
+    """Section 1 of chapter 3. ``table``: one row per (model, domain) with :func:`summarize`'s
+    columns; ``tokens[model, domain]``: its :func:`token_table`. For the trained model ``main``:
+    ``tests[domain]`` (the encoded test segments), ``nll[domain]`` (``[B, T-1]`` per-token losses)
+    and ``states[domain]`` (the output of its lower ``n_frozen`` blocks, ``None`` when 0)."""
+
+    main: str
+    models: list[str]
+    domains: list[str]
+    n_frozen: int
+    table: pd.DataFrame
+    tokens: dict[tuple[str, str], pd.DataFrame]
+    tests: dict[str, Scored]
+    nll: dict[str, torch.Tensor]
+    states: dict[str, torch.Tensor | None]
+
+    def records(self) -> dict:
+        return {"scores": self.table.to_dict(orient="records"), "n_scored_models": len(self.models)}
+
+
+def score_models(model, main: str, models: Sequence[str], corpora, *, n_frozen: int, device: str = "auto",
+                 batch_size: int = 4) -> ModelScores:
+    """Score the test segments of every corpus with every model in ``models`` (``main`` is the
+    loaded ``model``; the others are loaded here, one at a time). For ``main`` the same traces
+    also keep the output of its lower ``n_frozen`` blocks, which section 3 trains on top of."""
+    from lmbook.core.models import load_model
+
+    check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
+    rows, tables, tests, nlls, states = [], {}, {}, {}, {}
+    for name in models:
+        m = model if name == main else load_model(name, device=device)
+        for c in corpora:
+            sc = encode_texts(m, c.test)
+            if name == main and n_frozen:
+                nll, st = token_nll(m, sc, batch_size, states_after=n_frozen - 1)
+            else:
+                nll, st = token_nll(m, sc, batch_size), None
+            rows.append({"model": name, "domain": c.name, **summarize(nll, sc)})
+            tables[name, c.name] = token_table(m, sc, nll, model=name, domain=c.name)
+            if name == main:
+                tests[c.name], nlls[c.name], states[c.name] = sc, nll, st
+        del m
+    return ModelScores(main, list(models), [c.name for c in corpora], n_frozen, pd.DataFrame(rows), tables,
+                       tests, nlls, states)
+
+
+@dataclasses.dataclass
+class TokenizerGap:
+    """Per domain (``table``): which model is best by perplexity and by bits per byte, and the gap
+    in log2 perplexity between the main model and the other split into a quality term and a
+    tokenizer term (``log2 ppl = bits per byte x bytes per token``)."""
+
+    table: pd.DataFrame
+    rank_flips: int
+    bytes_per_token_max_ratio: float
+    tokenizer_term_share_max: float
+    tokenizer_term_domain: str
+
+    def records(self) -> dict:
+        return {k: getattr(self, k) for k in ["rank_flips", "bytes_per_token_max_ratio", "tokenizer_term_share_max",
+                                              "tokenizer_term_domain"]}
+
+
+def tokenizer_gap(scores: ModelScores) -> TokenizerGap:
+    """Split each domain's perplexity gap between ``scores.main`` and the next scored model into what
+    the models predict (bits per byte) and how their tokenizers cut the text (bytes per token)."""
+    t, flips = scores.table, []
+    for d in scores.domains:
+        s = t[t.domain == d].set_index("model")
+        by_ppl, by_bpb = list(s["ppl"].sort_values().index), list(s["bits_per_byte"].sort_values().index)
+        row = {"domain": d, "best by perplexity": by_ppl[0], "best by bits per byte": by_bpb[0],
+               "ranking flips": by_ppl != by_bpb}
+        if len(scores.models) > 1:
+            a, b = s.loc[scores.main], s.loc[scores.models[1]]
+            row[f"log2 ppl gap vs {scores.models[1]}"] = math.log2(a.ppl) - math.log2(b.ppl)
+            row["quality term"] = (a.bits_per_byte - b.bits_per_byte) * a.bytes_per_token
+            row["tokenizer term"] = b.bits_per_byte * (a.bytes_per_token - b.bytes_per_token)
+        flips.append(row)
+    table = pd.DataFrame(flips)
+    bpt = t.groupby("model")["bytes_per_token"].mean()
+    share_max, domain = 0.0, "none"  # one model: no gap to split
+    if len(scores.models) > 1:
+        share = (table["tokenizer term"] / table["quality term"]).abs()
+        share_max, domain = float(share.max()), str(table.loc[share.idxmax(), "domain"])
+    return TokenizerGap(table, int(table["ranking flips"].sum()), float(bpt.max() / bpt.min()), share_max, domain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 2: which tokens carry the loss
+
+
+@dataclasses.dataclass
+class LossConcentration:
+    """Section 2 of chapter 3. ``shares``: :func:`class_shares` per model and domain; ``table``: per
+    model and domain, the loss and token shares of the ``top_k`` token types and of whitespace, and
+    perplexity with whitespace (and punctuation) left out; ``cumulative[model, domain]``: cumulative
+    loss share over token types by rank; ``top_types``: the main model's costliest token types per
+    domain."""
+
+    main: str
+    top_k: int
+    shares: pd.DataFrame
+    table: pd.DataFrame
+    cumulative: dict[tuple[str, str], np.ndarray]
+    top_types: pd.DataFrame
+
+    def records(self) -> dict:
+        main = self.table[self.table.model == self.main].set_index("domain")
+        top_loss, top_tokens = f"loss share of top {self.top_k} types", f"token share of top {self.top_k} types"
+        ws = main["loss share of whitespace"]
+        ratio = main["ppl without whitespace and punctuation"] / main["ppl"]
+        return {"token_shares": self.table.to_dict(orient="records"), "top_k": self.top_k,
+                "topk_loss_share_max": float(main[top_loss].max()), "topk_loss_share_min": float(main[top_loss].min()),
+                "ws_loss_share_max": float(ws.max()), "ws_loss_share_domain": str(ws.idxmax()),
+                "ws_token_share_at_max": float(main.loc[ws.idxmax(), "token share of whitespace"]),
+                "topk_token_share_min": float(main[top_tokens].min()),
+                "topk_token_share_max": float(main[top_tokens].max()),
+                "ppl_ratio_no_ws_punct_max": float(ratio.max()), "ppl_ratio_domain": str(ratio.idxmax())}
+
+
+def loss_concentration(scores: ModelScores, top_k: int = 10, n_types: int = 5) -> LossConcentration:
+    """How the loss of each model on each domain splits over token classes and token types."""
+    check_int("top_k", top_k, 1)
+    shares = class_shares(pd.concat(scores.tokens.values(), ignore_index=True), by=["model", "domain"])
+    rows, cum = [], {}
+    for (name, d), t in scores.tokens.items():
+        top = top_token_shares(t, k=top_k)
+        cum[name, d] = top["cumulative"]
+        ws = t["cls"].isin(WHITESPACE)
+        rows.append({"model": name, "domain": d, "token types": top["types"],
+                     f"loss share of top {top_k} types": top["loss_share"],
+                     f"token share of top {top_k} types": top["token_share"],
+                     "loss share of whitespace": t.loc[ws, "nll"].sum() / t["nll"].sum(),
+                     "token share of whitespace": ws.mean(), "ppl": math.exp(t["nll"].mean()),
+                     "ppl without whitespace": ppl_excluding(t, WHITESPACE),
+                     "ppl without whitespace and punctuation": ppl_excluding(t, WHITESPACE + ["punctuation"])})
+    top_types = []
+    for d in scores.domains:
+        t = scores.tokens[scores.main, d]
+        g = t.groupby("text")["nll"].agg(count="size", total="sum", mean="mean").sort_values("total", ascending=False)
+        g["loss share"] = g["total"] / t["nll"].sum()
+        top_types.append(g.head(n_types).reset_index().assign(domain=d))
+    return LossConcentration(scores.main, top_k, shares, pd.DataFrame(rows), cum,
+                             pd.concat(top_types, ignore_index=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 3: continued pretraining, swept over domains and learning rates
+
+
+@dataclasses.dataclass
+class Baseline:
+    """Section 3's starting point: the base model's test losses computed from cached lower blocks
+    (``nll``; ``cache_error`` is their largest difference from the full model's), total nats, bytes
+    and tokens per test domain, and the facts with the base model's top-1 answers (``known``)."""
+
+    n_frozen: int
+    tests: dict[str, Scored]
+    states: dict[str, torch.Tensor | None]
+    nll: dict[str, torch.Tensor]
+    initial: dict[str, float]
+    nbytes: dict[str, int]
+    ntokens: dict[str, int]
+    cache_error: float
+    facts: list[Fact]
+    fact_batch: Batch
+    fact_states: torch.Tensor | None
+    answers: torch.Tensor
+    known: torch.Tensor
+
+    def bits_per_byte(self, domain: str, nats: float | None = None) -> float:
+        """Bits per byte of ``domain``'s test set for total ``nats`` (default: the base model's)."""
+        return (self.initial[domain] if nats is None else nats) / LN2 / self.nbytes[domain]
+
+
+def adaptation_baseline(model, scores: ModelScores, facts: Sequence[Fact], tol: float = 1e-3) -> Baseline:
+    """Check the cached lower blocks against the full model (the test losses of section 1, and the
+    top-1 answer to every fact) and collect what every run of :func:`adaptation_sweep` starts from.
+    A fact is *known* as in chapter 2 (:func:`lmbook.experiments.recall.known_mask`): the model's
+    top-1 next token after its prompt is the attribute's first token."""
+    n_frozen, domains = scores.n_frozen, scores.domains
+    tests, states = scores.tests, scores.states
+    nll = {d: cached_nll(model, tests[d], states[d], n_frozen) for d in domains}
+    error = max(float((nll[d] - scores.nll[d]).abs().max()) for d in domains)
+    if not error < tol:
+        raise RuntimeError(f"cached lower layers disagree with the full model by {error} (tolerance {tol})")
+    facts = list(facts)
+    fact_batch = encode(model, [f.prompt for f in facts])
+    answers = answer_token_ids(model, facts)
+    known = top1_matches(model, [f.prompt for f in facts], answers)
+    fact_states = prefix_states(model, fact_batch, n_frozen, batch_size=64)
+    if not torch.equal(cached_last_top1(model, fact_batch, fact_states, n_frozen) == answers, known):
+        raise RuntimeError("cached lower layers and the full model disagree on which facts are known")
+    return Baseline(n_frozen, tests, states, nll, {d: float((nll[d] * tests[d].target_mask).sum()) for d in domains},
+                    {d: int(tests[d].nbytes.sum()) for d in domains},
+                    {d: int(tests[d].target_mask.sum()) for d in domains}, error, facts, fact_batch, fact_states,
+                    answers, known)
+
+
+@dataclasses.dataclass
+class AdaptationRun:
+    """One run of the sweep: trained on ``domain`` at learning rate ``lr``; ``known``: which facts the
+    adapted model answers right (bool ``[N]``)."""
+
+    domain: str
+    lr: float
+    result: AdaptResult
+    known: torch.Tensor
+    train_tokens: int
+
+
+@dataclasses.dataclass
+class Sweep:
+    """Section 3 of chapter 3: every run, and ``curves``, one row per (run, evaluation step, test
+    domain) with bits per byte, perplexity and the change in bits per byte since step 0."""
+
+    runs: list[AdaptationRun]
+    curves: pd.DataFrame
+    domains: list[str]
+    lrs: list[float]
+    epochs: int
+    n_train_layers: int
+    base_bpb: dict[str, float]
+
+    @property
+    def end(self) -> pd.DataFrame:
+        """The rows of ``curves`` after each run's last step."""
+        c = self.curves
+        return c[c.step == c.groupby(["train domain", "lr"])["step"].transform("max")]
+
+    def same_domain(self, passes: float | None = None) -> pd.Series:
+        """Change in same-domain bits per byte, indexed by (train domain, lr), after ``passes``
+        passes (default: after the last step)."""
+        c = self.end if passes is None else self.curves[np.isclose(self.curves.passes, passes)]
+        return c[c["train domain"] == c["test domain"]].set_index(["train domain", "lr"])["delta bpb"]
+
+    def records(self) -> dict:
+        end, same_end, same_first = self.end, self.same_domain(), self.same_domain(1.0)
+        lo, hi = min(self.lrs), max(self.lrs)
+        other = end[end["train domain"] != end["test domain"]]
+        return {
+            "curves": self.curves.to_dict(orient="records"),
+            "same_domain_change_bpb": [{"domain": d, "lr": lr, "after 1 pass": float(same_first[d, lr]),
+                                        "after all passes": float(same_end[d, lr])}
+                                       for d in self.domains for lr in self.lrs],
+            "base_bpb": self.base_bpb, "n_runs": len(self.runs), "epochs": self.epochs, "lr_min": lo, "lr_max": hi,
+            "train_layers": self.n_train_layers,
+            "n_runs_same_domain_rise": int((same_end > 0).sum()), "n_runs_same_domain_fall": int((same_end <= 0).sum()),
+            "same_domain_change_min": float(same_end.min()), "same_domain_change_max": float(same_end.max()),
+            "same_domain_change_at_lr_min_mean": float(same_end.xs(lo, level="lr").mean()),
+            "same_domain_change_at_lr_max_mean": float(same_end.xs(hi, level="lr").mean()),
+            "other_domain_change_mean": float(other["delta bpb"].mean()) if len(other) else 0.0,
+            "closest_domain": min(self.domains, key=self.base_bpb.get),
+            "largest_rise_domain_at_lr_max": str(same_end.xs(hi, level="lr").idxmax()),
+            "largest_fall_domain_at_lr_min": str(same_end.xs(lo, level="lr").idxmin()),
+        }
+
+
+def adaptation_sweep(model, corpora, base: Baseline, *, lrs: Sequence[float], epochs: int, batch_size: int = 4,
+                     seed: int = 0) -> Sweep:
+    """Continue pretraining the blocks above ``base.n_frozen`` on each corpus's training segments,
+    once per learning rate in ``lrs``, for ``epochs`` passes, scoring every domain's test segments
+    after each pass (:func:`adapt`) and the facts after the last; every run starts from the base
+    weights, which are checked to be back in place at the end."""
+    n_frozen = base.n_frozen
+    n_train = model.num_layers - n_frozen
+    domains = list(base.tests)
+    evals = {d: (base.tests[d], base.states[d]) for d in domains}
+    base_weights = [p.detach().clone() for p in top_layer_parameters(model, n_train)]
+    runs = []
+    for c in corpora:
+        train = encode_texts(model, c.train)
+        train_states = prefix_states(model, train, n_frozen)
+        per_epoch = math.ceil(len(train) / batch_size)
+        for lr in lrs:
+            with restore_after(top_layer_parameters(model, n_train)):  # every run starts from the base model
+                r = adapt(model, train, train_states, evals, n_train_layers=n_train, lr=lr, epochs=epochs,
+                          batch_size=batch_size, eval_every=per_epoch, seed=seed, initial_nats=base.initial,
+                          desc=f"{c.name}, lr={lr:g}")
+                known = cached_last_top1(model, base.fact_batch, base.fact_states, n_frozen) == base.answers
+            runs.append(AdaptationRun(c.name, lr, r, known, int(train.target_mask.sum())))
+    if not all(torch.equal(p, q) for p, q in zip(top_layer_parameters(model, n_train), base_weights)):
+        raise RuntimeError("the base weights were not restored after the sweep")
+    rows = []
+    for run in runs:
+        r = run.result
+        for d in domains:
+            for step, nats in zip(r.eval_steps, r.eval_nats[d]):
+                rows.append({"train domain": run.domain, "lr": run.lr, "step": step, "passes": step / r.steps_per_epoch,
+                             "test domain": d, "bits_per_byte": base.bits_per_byte(d, nats),
+                             "ppl": math.exp(nats / base.ntokens[d]),
+                             "delta bpb": (nats - base.initial[d]) / LN2 / base.nbytes[d]})
+    return Sweep(runs, pd.DataFrame(rows), domains, list(lrs), epochs, n_train,
+                 {d: base.bits_per_byte(d) for d in domains})
+
+
+@dataclasses.dataclass
+class ChangeDrivers:
+    """Which tokens drive each run's same-domain change. ``contributions``: per run, each token
+    class's summed loss change over the number of test tokens (they add up to ``total``, the change
+    of the mean loss, with a 95% bootstrap interval ``low``..``high`` over tokens) and the change
+    without whitespace; ``tokens``: per run, the token types with the largest contributions."""
+
+    contributions: pd.DataFrame
+    tokens: pd.DataFrame
+
+    def records(self) -> dict:
+        c = self.contributions
+        rises = c[c.total > 0]
+        rises_ws = rises[WHITESPACE].sum(axis=1)
+        return {"contributions": c.to_dict(orient="records"), "n_rises": len(rises),
+                "n_rises_whitespace_majority": int((rises_ws > 0.5 * rises.total).sum()),
+                "n_rises_without_whitespace_still_rise": int((rises["total without whitespace"] > 0).sum()),
+                "rise_total_mean": float(rises.total.mean()) if len(rises) else 0.0,
+                "rise_whitespace_mean": float(rises_ws.mean()) if len(rises) else 0.0,
+                "rise_word_mean": float(rises["word"].mean()) if len(rises) else 0.0,
+                "n_runs_whitespace_cheaper": int((c[WHITESPACE].sum(axis=1) < 0).sum())}
+
+
+def change_drivers(model, scores: ModelScores, sweep: Sweep, seed: int = 0, n_tokens: int = 4) -> ChangeDrivers:
+    """Compare the per-token losses of each run's same-domain test set before (``scores``) and after
+    training, by token class and by token type (the ``n_tokens`` largest contributions)."""
+    contrib_rows, driver_rows = [], []
+    for run in sweep.runs:
+        d, lr = run.domain, run.lr
+        before = scores.tokens[scores.main, d]
+        after = token_table(model.tokenizer, scores.tests[d], run.result.final_nll[d])
+        t = before.assign(delta=after["nll"].to_numpy() - before["nll"].to_numpy())
+        n = len(t)
+        by_cls = t.groupby("cls")["delta"].sum() / n
+        _, lo, hi = bootstrap_ci(t["delta"].to_numpy(), seed=seed)  # 95% interval over test tokens
+        contrib_rows.append({"domain": d, "lr": lr, "total": t["delta"].sum() / n, "low": float(lo), "high": float(hi),
+                             **{c: float(by_cls.get(c, 0.0)) for c in CLASSES},
+                             "total without whitespace": t.loc[~t["cls"].isin(WHITESPACE), "delta"].mean()})
+        g = t.groupby("text")["delta"].agg(count="size", contribution="sum")
+        g["contribution"] /= n
+        g = g.reindex(g["contribution"].abs().sort_values(ascending=False).index).head(n_tokens).reset_index()
+        driver_rows.append(g.assign(domain=d, lr=lr))
+    return ChangeDrivers(pd.DataFrame(contrib_rows), pd.concat(driver_rows, ignore_index=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 4: perplexity and knowledge
+
+
+@dataclasses.dataclass
+class RecallChanges:
+    """Section 4 of chapter 3: per run (``table``), recall before and after with the change's 95%
+    bootstrap interval over facts, facts lost and gained, the run's same-domain and mean change in
+    bits per byte, and the change on facts whose subject was (``seen``) or was not in the training
+    split of the ``encyclopedia`` corpus."""
+
+    table: pd.DataFrame
+    recall_base: float
+    n_facts: int
+    seen: torch.Tensor
+    lrs: list[float]
+
+    def records(self) -> dict:
+        r = self.table
+        better = r["mean change bpb, all domains"] < 0
+        rho = r["mean change bpb, all domains"].rank().corr(r["change"].rank())  # Spearman: Pearson on ranks
+        return {"recall": r.to_dict(orient="records"), "n_facts": self.n_facts, "recall_base": self.recall_base,
+                "recall_change_min": float(r["change"].min()), "recall_change_max": float(r["change"].max()),
+                "facts_lost_max": int(r["lost"].max()), "facts_gained_max": int(r["gained"].max()),
+                "n_runs_ppl_better_recall_worse": int((better & (r["change"] < 0)).sum()),
+                "n_runs_ppl_worse_recall_better": int((~better & (r["change"] > 0)).sum()),
+                "n_runs_ppl_better": int(better.sum()), "n_seen_facts": int(self.seen.sum()),
+                "recall_change_at_lr_min_mean": float(r[r.lr == min(self.lrs)]["change"].mean()),
+                "recall_change_at_lr_max_mean": float(r[r.lr == max(self.lrs)]["change"].mean()),
+                "recall_bpb_spearman": float(rho)}  # nan where recall did not move (no ranking to correlate)
+
+
+def recall_changes(base: Baseline, sweep: Sweep, corpora, seed: int = 0) -> RecallChanges:
+    """How recall of the facts changed in each run of ``sweep``, next to its change in bits per byte."""
+    enc = next((c for c in corpora if c.name == "encyclopedia"), None)
+    train_docs = set(enc.train_docs) if enc is not None else set()
+    seen = torch.tensor([f.subject in train_docs for f in base.facts], dtype=torch.bool)
+    known_base, end, rows = base.known, sweep.end, []
+    for run in sweep.runs:
+        diff = (run.known.float() - known_base.float()).numpy()
+        mean, lo, hi = bootstrap_ci(diff, seed=seed)
+        same = end[(end["train domain"] == run.domain) & (end.lr == run.lr)]
+        row = {"domain": run.domain, "lr": run.lr, "recall before": float(known_base.float().mean()),
+               "recall after": float(run.known.float().mean()), "change": float(mean), "low": float(lo),
+               "high": float(hi), "lost": int((known_base & ~run.known).sum()),
+               "gained": int((~known_base & run.known).sum()),
+               "same-domain change bpb": float(same[same["test domain"] == run.domain]["delta bpb"].iloc[0]),
+               "mean change bpb, all domains": float(same["delta bpb"].mean())}
+        for name, mask in [("seen subjects", seen), ("held-out subjects", ~seen)]:
+            row[f"change, {name}"] = (float((run.known[mask].float() - known_base[mask].float()).mean())
+                                      if mask.any() else float("nan"))
+        rows.append(row)
+    return RecallChanges(pd.DataFrame(rows), float(known_base.float().mean()), len(base.facts), seen, sweep.lrs)

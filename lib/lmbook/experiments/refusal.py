@@ -10,7 +10,8 @@ Introduced in chapter 5 ("A refusal direction the book creates, then finds"), af
   template's tokens after the request, where candidate directions are read;
 * :func:`mean_diff_directions`: mean residual stream over harmful requests minus that over
   harmless ones, after every layer at every post-instruction position: the candidates;
-* **directional ablation** (:func:`project_out`) removes a unit direction ``r`` from every
+* **directional ablation** (:func:`lmbook.mechanisms.interventions.directional`) removes a unit
+  direction ``r`` from every
   activation that writes into the residual stream: the embedding, each attention and MLP output,
   and each layer's output, at every position (and at every step of generation);
 * **direction addition** adds a vector to the residual stream after one layer, at every position;
@@ -27,15 +28,18 @@ projecting out the zero vector subtracts an exact zero) and ``add`` maps a layer
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import torch
 
 from lmbook.core.models import trace
-from lmbook.mechanisms.readout import final_logits
 from lmbook.core.params import ParameterError, check_choice, check_float, check_int
-from lmbook.core.tokens import Batch, pad_ids, pad_token_id
+from lmbook.core.tokens import Batch, pad_ids
+from lmbook.data.instructions import SPLITS, load_instructions  # the reader of chapter 5's data files
+from lmbook.mechanisms.generation import generate_ids
+from lmbook.mechanisms.interventions import directional, directional_chunks, prepare_directional
+from lmbook.mechanisms.likelihood import logits_nll
+from lmbook.mechanisms.readout import final_logits, last_trace
 
 __all__ = [
     "SPLITS",
@@ -49,7 +53,6 @@ __all__ = [
     "post_instruction_positions",
     "encode_prompts",
     "mean_diff_directions",
-    "project_out",
     "last_logprobs",
     "refusal_score",
     "kl_divergence",
@@ -57,37 +60,7 @@ __all__ = [
     "select_direction",
     "generate",
     "text_nll",
-    "ablated_residuals",
-    "promoted_tokens",
 ]
-
-SPLITS = ("train", "validation", "test")
-
-
-def load_instructions(path) -> list[dict]:
-    """Read an instruction file (``data/instructions/*.jsonl``): one JSON object per line with string
-    fields ``id``, ``instruction``, ``category`` and ``split`` (one of :data:`SPLITS`).
-
-    A malformed line raises :class:`ParameterError` naming the file and the line number.
-    """
-    from lmbook.core.params import check_file, read_jsonl
-
-    path = check_file("instruction file", path)
-    rows, seen = [], set()
-    for n, row in read_jsonl(path):
-        for key in ("id", "instruction", "category", "split"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise ParameterError(f"{path}, line {n}: field {key!r} must be a non-empty string, got {row.get(key)!r}")
-        if row["split"] not in SPLITS:
-            raise ParameterError(f"{path}, line {n}: split {row['split']!r} is not one of {list(SPLITS)}")
-        if row["id"] in seen:
-            raise ParameterError(f"{path}, line {n}: duplicate id {row['id']!r}")
-        seen.add(row["id"])
-        rows.append(row)
-    if not rows:
-        raise ParameterError(f"{path} holds no instructions")
-    return rows
-
 
 # Arditi et al. (2024), after Zou et al. (2023): a completion refuses if it contains any of these.
 REFUSAL_SUBSTRINGS = [
@@ -140,7 +113,8 @@ def format_instructions(tokenizer, instructions: Sequence[str], fmt: str = "chat
                 "PROMPT_FORMAT='chat' needs a model with a chat template, and this model's tokenizer has none "
                 f"(it is probably a base model); use PROMPT_FORMAT='plain' ({PLAIN_TEMPLATE!r}) or a chat model"
             )
-        return [tokenizer.apply_chat_template([{"role": "user", "content": x}], tokenize=False, add_generation_prompt=True)
+        return [tokenizer.apply_chat_template([{"role": "user", "content": x}], tokenize=False,
+                                              add_generation_prompt=True)
                 for x in instructions]
     return [PLAIN_TEMPLATE.format(instruction=x) for x in instructions]
 
@@ -187,7 +161,7 @@ def mean_diff_directions(model, harmful: Batch, harmless: Batch, n_positions: in
         offsets = torch.arange(n_positions - 1, -1, -1)
         pos = batch.last[:, None] - offsets[None]  # [B, P]
         rows = batch.rows()[:, None].expand_as(pos)
-        with torch.no_grad(), trace(model, batch):
+        with torch.no_grad(), last_trace(model, batch):  # no logits needed
             acc = list().save()
             for layer in range(model.num_layers):
                 acc.append(model.layers_output[layer][rows, pos].float().mean(0))  # [P, d]
@@ -195,86 +169,14 @@ def mean_diff_directions(model, harmful: Batch, harmless: Batch, n_positions: in
     return means[0] - means[1]
 
 
-def project_out(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``h - (h . r) r`` for unit ``r``: ``h`` is ``[B, T, d]``, ``r`` is ``[B, d]`` (one direction per
-    row) or ``[d]``. A zero ``r`` returns ``h`` unchanged."""
-    r = r.to(device=h.device, dtype=h.dtype)
-    if r.ndim == 1:
-        return h - (h @ r)[..., None] * r
-    return h - (h * r[:, None, :]).sum(-1, keepdim=True) * r[:, None, :]
-
-
-def _unit(r: torch.Tensor) -> torch.Tensor:
-    n = r.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, r / n.clamp_min(1e-12), torch.zeros_like(r))
-
-
-def _intervene(model, ablate, add) -> None:
-    """Inside a trace (or a generation step): ablate ``ablate`` (``[B, d]`` unit rows, or None) from
-    the embedding and every attention, MLP and layer output; add ``add[layer]`` (``[B, d]``) to the
-    output of ``layer``. Accesses follow the order of computation."""
-    add = add or {}
-    if ablate is not None:
-        model.layers_input[0] = project_out(model.layers_input[0], ablate)
-    for layer in range(model.num_layers):
-        if ablate is not None:
-            model.attentions_output[layer] = project_out(model.attentions_output[layer], ablate)
-            model.mlps_output[layer] = project_out(model.mlps_output[layer], ablate)
-        if ablate is not None or layer in add:
-            h = model.layers_output[layer]
-            if ablate is not None:
-                h = project_out(h, ablate)
-            if layer in add:
-                h = h + add[layer].to(device=h.device, dtype=h.dtype)[:, None, :]
-            model.layers_output[layer] = h
-
-
-def _rows(x: torch.Tensor | None, B: int, d: int) -> torch.Tensor | None:
-    """A direction for every row: ``[d]`` is broadcast to ``[B, d]``."""
-    if x is None:
-        return None
-    x = torch.as_tensor(x, dtype=torch.float32)
-    if x.ndim == 1:
-        x = x[None].expand(B, d)
-    if x.shape != (B, d):
-        raise ParameterError(f"expected a direction of shape [{d}] or [{B}, {d}], got {tuple(x.shape)}")
-    return x
-
-
-def _check_add(model, add, B: int):
-    if add is None:
-        return {}
-    out = {}
-    for layer, v in add.items():
-        check_int("add layer", layer, 0, model.num_layers - 1)
-        out[layer] = _rows(v, B, model.hidden_size)
-    return out
-
-
-def _prepare(model, ablate, add, B: int):
-    """The interventions for ``B`` rows: ``ablate`` as unit rows ``[B, d]`` (or None) and ``add`` as
-    ``{layer: [B, d]}``, checked."""
-    ablate = _rows(ablate, B, model.hidden_size)
-    return (None if ablate is None else _unit(ablate)), _check_add(model, add, B)
-
-
-def _row_chunks(model, batch: Batch, ablate, add, max_rows: int):
-    """Check the interventions once, then yield ``(sub-batch, its ablate rows, its add rows)``,
-    ``max_rows`` rows at a time."""
-    ablate, add = _prepare(model, ablate, add, len(batch))
-    for start in range(0, len(batch), max_rows):
-        idx = list(range(start, min(len(batch), start + max_rows)))
-        yield batch.select(idx), (None if ablate is None else ablate[idx]), {l: v[idx] for l, v in add.items()}
-
-
 def last_logprobs(model, batch: Batch, ablate=None, add=None, max_rows: int = 64) -> torch.Tensor:
     """Next-token log-probabilities after each prompt, ``[B, vocab]``, with ``ablate`` (``[d]`` or
     ``[B, d]``; normalised here) removed and ``add`` (``{layer: [d] or [B, d]}``) added; rows run
     ``max_rows`` at a time."""
     out = []
-    for sub, ab, ad in _row_chunks(model, batch, ablate, add, max_rows):
+    for sub, ab, ad in directional_chunks(model, batch, ablate, add, max_rows):
         with torch.no_grad(), trace(model, sub, last_only=True):
-            _intervene(model, ab, ad)
+            directional(model, ab, ad)
             lp = final_logits(model, sub, last_only=True).float().log_softmax(-1).save()
         out.append(lp.cpu())
     return torch.cat(out)
@@ -343,13 +245,14 @@ def select_direction(
     bypass score among candidates with induce >= 0 and KL < ``kl_threshold``, the same rule as
     Arditi et al.'s, who compute all three scores for every candidate: evaluating induce and KL
     only in bypass order (and KL only where induce >= 0) finds the same winner at a fraction of the
-    cost. If no candidate passes (then every candidate has its induce score), the filters are relaxed in a fixed order: the
-    lowest bypass score among candidates that induce refusal (whatever their KL), else the lowest
+    cost. If no candidate passes (then every candidate has its induce score), the filters are relaxed in a
+    fixed order: the lowest bypass score among candidates that induce refusal (whatever their KL), else the lowest
     bypass score overall, with ``passed=False`` and ``rule`` saying which.
     """
     P, L, d = candidates.shape
     if L != model.num_layers or d != model.hidden_size:
-        raise ParameterError(f"candidates must be [P, {model.num_layers}, {model.hidden_size}], got {tuple(candidates.shape)}")
+        raise ParameterError(f"candidates must be [P, {model.num_layers}, {model.hidden_size}], "
+                             f"got {tuple(candidates.shape)}")
     check_float("max_layer_fraction", max_layer_fraction, 0.0, 1.0)
     check_int("top_k", top_k, 1)
     layers = list(range(L)) if layers is None else sorted(set(layers))
@@ -416,21 +319,17 @@ def select_direction(
 def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=None, max_new_tokens: int = 32,
              batch_size: int = 32) -> list[str]:
     """Greedy replies to formatted ``prompts``, with ``ablate`` (a ``[d]`` direction, normalised
-    here) removed and ``add`` (``{layer: [d]}``) added at every position of every generation step.
-    Returns the replies without the prompts or special tokens."""
+    here) removed and ``add`` (``{layer: [d]}``) added at every position of every generation step
+    (:func:`lmbook.mechanisms.interventions.directional`). Returns the replies without the prompts
+    or special tokens."""
     check_int("max_new_tokens", max_new_tokens, 1, 4096)
-    tok = model.tokenizer
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(model, prompts[start:start + batch_size], fmt, side="left")
-        ab, ad = _prepare(model, ablate, add, len(batch))
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
-        with torch.no_grad(), model.generate(batch.inputs(), **kwargs) as tracer:
-            if ab is not None or ad:
-                with tracer.all():
-                    _intervene(model, ab, ad)
-            ids = model.generator.output.save()
-        out += tok.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        ab, ad = prepare_directional(model, ablate, add, len(batch))
+        edit = (lambda m: directional(m, ab, ad)) if ab is not None or ad else None
+        ids = generate_ids(model, batch, max_new_tokens, edit=edit, every_step=True)
+        out += model.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return out
 
 
@@ -438,51 +337,12 @@ def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> 
     """Summed next-token negative log-likelihood of each text of a right-padded ``batch`` (every
     token after the first) under the intervention, and the number of tokens scored: two ``[B]``
     tensors. Perplexity is ``exp(sum / count)``."""
-    from lmbook.mechanisms.likelihood import logits_nll
-
     sums = []
-    for sub, ab, ad in _row_chunks(model, batch, ablate, add, max_rows):
+    for sub, ab, ad in directional_chunks(model, batch, ablate, add, max_rows):
         with torch.no_grad(), trace(model, sub):
-            _intervene(model, ab, ad)
+            directional(model, ab, ad)
             s = logits_nll(model.logits, sub.input_ids, sub.attention_mask[:, 1:]).sum(-1).save()
         sums.append(s.cpu())
     return torch.cat(sums), batch.attention_mask[:, 1:].sum(-1)
 
 
-def ablated_residuals(model, batch: Batch, direction) -> torch.Tensor:
-    """The residual stream entering each layer and the final norm, ``[L + 1, B, T, d]``, with
-    ``direction`` ablated (what the model computes on, read where the next module receives it).
-    Used by the tests to check that ablation leaves it orthogonal to the direction."""
-    B, d = len(batch), model.hidden_size
-    ab = _unit(_rows(direction, B, d))
-    with torch.no_grad(), trace(model, batch):
-        seen = list().save()
-        model.layers_input[0] = project_out(model.layers_input[0], ab)
-        for layer in range(model.num_layers):
-            if layer > 0:
-                seen.append(model.layers_input[layer])
-            model.attentions_output[layer] = project_out(model.attentions_output[layer], ab)
-            model.mlps_output[layer] = project_out(model.mlps_output[layer], ab)
-            model.layers_output[layer] = project_out(model.layers_output[layer], ab)
-        seen.append(model.ln_final.input)
-    first = project_out(_embed(model, batch), ab)
-    return torch.stack([first, *seen]).float()
-
-
-def _embed(model, batch: Batch) -> torch.Tensor:
-    """What the first layer receives without intervention (the scaled token embeddings)."""
-    with torch.no_grad(), trace(model, batch):
-        h = model.layers_input[0].save()
-    return h
-
-
-def promoted_tokens(model, direction, k: int = 8) -> list[str]:
-    """The ``k`` tokens a direction promotes most when read as a residual stream through the model's
-    final norm and unembedding (chapter 1's logit lens, applied to the direction alone)."""
-    check_int("k", k, 1, 1000)
-    norm, head = model.ln_final._module, model.lm_head._module
-    w = head.weight
-    with torch.no_grad():
-        logits = head(norm(torch.as_tensor(direction, dtype=w.dtype, device=w.device)[None]))[0]
-    tok = model.tokenizer
-    return [tok.decode([int(i)]) for i in logits.float().topk(k).indices]

@@ -12,7 +12,7 @@ A coefficient of 0 adds an exact zero, so such a row computes exactly what the u
 (tested in ``tests/test_steering.py``).
 
 Every text starts with a start token: the tokenizer's beginning-of-sequence token where it adds one,
-else the one chapter 3 uses (:func:`lmbook.core.tokens.start_token_id`, ``<|endoftext|>`` for
+else the book's one start token (:func:`lmbook.core.tokens.start_token_id`, ``<|endoftext|>`` for
 SmolLM2). Turner et al. prepend GPT-2's, so the vector's first position (start minus start, zero)
 lands on the attention sink and its content on the first real tokens. Without it the first word
 becomes the sink, and a vector added there barely moves the model.
@@ -32,13 +32,13 @@ from typing import Sequence
 import torch
 
 from lmbook.core.models import trace
-from lmbook.mechanisms.readout import final_logits
 from lmbook.core.params import ParameterError, check_float, check_int, check_layers
-from lmbook.core.tokens import Batch, decode_tokens, pad_ids, pad_token_id, start_token_id
+from lmbook.core.tokens import Batch, decode_tokens, encode, pad_ids, text_ids
+from lmbook.mechanisms.generation import generate_ids
+from lmbook.mechanisms.readout import final_logits, last_trace
 
 __all__ = [
     "SteeringVector",
-    "encode_texts",
     "contrast_vector",
     "steered_target_logprobs",
     "steered_nll",
@@ -75,27 +75,11 @@ class SteeringVector:
         return self.vectors.shape[1]
 
 
-def _ids(tok, text: str) -> list[int]:
-    start = start_token_id(tok)
-    ids = tok(text)["input_ids"]
-    return ids if start is None else [start] + ids
-
-
-def encode_texts(model, texts: str | Sequence[str]) -> Batch:
-    """Right-padded batch of ``texts``, each starting with a start token (see the module docstring)."""
-    tok = model.tokenizer
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t for t in texts):
-        raise ParameterError(f"texts must be a non-empty list of non-empty strings, got {texts!r}")
-    ids = [_ids(tok, t) for t in texts]
-    return pad_ids(tok, texts, ids)
-
-
 def contrast_vector(model, positive: str, negative: str, layers=None, pad: str = " ") -> SteeringVector:
     """Residual stream of ``positive`` minus that of ``negative`` after each of ``layers``.
 
-    Both prompts are tokenised by :func:`encode_texts` (beginning-of-sequence token first); the shorter is padded at the end with the tokens of ``pad`` (a space, as in Turner
+    Both prompts are tokenised with a start token first (:func:`lmbook.core.tokens.text_ids`); the
+    shorter is padded at the end with the tokens of ``pad`` (a space, as in Turner
     et al.), so the two align position by position. Returns a :class:`SteeringVector` with
     ``vectors`` of shape ``[L, n, d]``; one traced forward of two rows.
     """
@@ -104,7 +88,7 @@ def contrast_vector(model, positive: str, negative: str, layers=None, pad: str =
             raise ParameterError(f"the {name} prompt of a contrast pair must be a non-empty string, got {s!r}")
     layers = sorted(set(check_layers("layers", layers, model.num_layers)))
     tok = model.tokenizer
-    ids = [_ids(tok, s) for s in (positive, negative)]
+    ids = [text_ids(tok, s, start=True) for s in (positive, negative)]
     pad_ids = tok(pad, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
     n = max(len(i) for i in ids)
     for i in ids:
@@ -112,12 +96,13 @@ def contrast_vector(model, positive: str, negative: str, layers=None, pad: str =
             i.append(pad_ids[0])
     input_ids = torch.tensor(ids, dtype=torch.long)
     batch = Batch([positive, negative], input_ids, torch.ones_like(input_ids), torch.full((2,), n - 1), None)
-    with torch.no_grad(), trace(model, batch):
+    with torch.no_grad(), last_trace(model, batch):  # no logits needed
         out = list().save()
         for layer in layers:
             h = model.layers_output[layer]
             out.append(h[0] - h[1])
-    return SteeringVector(layers, torch.stack(out).float().cpu(), decode_tokens(tok, ids[0]), decode_tokens(tok, ids[1]))
+    return SteeringVector(layers, torch.stack(out).float().cpu(), decode_tokens(tok, ids[0]),
+                          decode_tokens(tok, ids[1]))
 
 
 def _check_configs(sv: SteeringVector, configs) -> list[tuple[int, float]]:
@@ -173,7 +158,8 @@ def _chunks(n_rows: int, max_rows: int):
         yield range(start, min(n_rows, start + max_rows))
 
 
-def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, configs, targets, max_rows: int = 256) -> torch.Tensor:
+def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, configs, targets,
+                            max_rows: int = 256) -> torch.Tensor:
     """Next-token log-probabilities of ``targets`` (``[T]`` ids) after each of the ``B`` prompts,
     under each steering configuration. Returns ``[C, B, T]``.
 
@@ -182,7 +168,7 @@ def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, c
     """
     configs = _check_configs(sv, configs)
     targets = torch.as_tensor(targets, dtype=torch.long)
-    batch = encode_texts(model, prompts)
+    batch = encode(model, prompts, start=True)
     C, B = len(configs), len(batch)
     rep = batch.select([b for _ in range(C) for b in range(B)])
     out = []
@@ -211,13 +197,13 @@ def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix
     """
     configs = _check_configs(sv, configs)
     if prefix is None:
-        batch = encode_texts(model, texts)
+        batch = encode(model, texts, start=True)
         first_scored = [sv.n_positions] * len(batch)
     else:
         if not isinstance(prefix, str) or not prefix:
             raise ParameterError(f"prefix must be a non-empty string or None, got {prefix!r}")
         tok = model.tokenizer
-        head = _ids(tok, prefix)
+        head = text_ids(tok, prefix, start=True)
         if len(head) < sv.n_positions:
             raise ParameterError(f"the prefix {prefix!r} has {len(head)} tokens; the steering vector covers "
                                  f"{sv.n_positions} positions, so the prefix needs at least that many")
@@ -253,39 +239,6 @@ def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix
     return torch.cat(sums).reshape(C, B), torch.cat(counts).reshape(C, B)
 
 
-class _TopP:
-    """Temperature, then nucleus (top-p) filtering as transformers' ``TopPLogitsWarper`` does it (keep the most probable
-    tokens until their mass reaches ``top_p``), but looking only at the ``k`` most probable tokens
-    when they already hold that mass: with Gemma's 262k-token vocabulary, sorting the whole
-    vocabulary at every step costs more than the model's forward. Rows where the top ``k`` fall
-    short are filtered over the full vocabulary. Tested against transformers' warper."""
-
-    def __init__(self, top_p: float, temperature: float = 1.0, k: int = 1024):
-        self.top_p, self.temperature, self.k = top_p, temperature, k
-
-    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
-        if self.temperature != 1.0:
-            scores = scores / self.temperature
-        k = min(self.k, scores.shape[-1])
-        lse = scores.float().logsumexp(-1, keepdim=True)
-        vals, idx = scores.topk(k, dim=-1)  # descending
-        probs = (vals.float() - lse).exp()
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-        keep = before < self.top_p
-        keep[:, 0] = True
-        full = probs.sum(-1) < self.top_p  # top k hold too little mass: filter over everything
-        if full.any():
-            s, i = scores[full].float().sort(-1, descending=True)
-            pr = (s - lse[full]).exp()
-            kf = (pr.cumsum(-1) - pr) < self.top_p
-            kf[:, 0] = True
-            out_full = torch.full_like(scores[full], float("-inf")).scatter(-1, i, torch.where(kf, s, float("-inf")).to(scores.dtype))
-        out = torch.full_like(scores, float("-inf")).scatter(-1, idx, torch.where(keep, vals, torch.full_like(vals, float("-inf"))))
-        if full.any():
-            out[full] = out_full
-        return out
-
-
 def steered_generate(
     model,
     prompt: str,
@@ -309,23 +262,13 @@ def steered_generate(
     if not isinstance(prompt, str) or not prompt:
         raise ParameterError(f"prompt must be a non-empty string, got {prompt!r}")
     tok = model.tokenizer
-    ids = torch.tensor([_ids(tok, prompt)] * len(configs), dtype=torch.long)
+    ids = torch.tensor([text_ids(tok, prompt, start=True)] * len(configs), dtype=torch.long)
+    last = torch.full((len(configs),), ids.shape[1] - 1)
+    batch = Batch([prompt] * len(configs), ids, torch.ones_like(ids), last, None)
     plan, n = _plan(sv, configs, 1, ids.shape[1])
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_token_id(tok))
-    if sample:
-        from transformers import LogitsProcessorList
-
-        check_float("top_p", top_p, 1e-6, 1.0)
-        check_float("temperature", temperature, 1e-6, 100.0)
-        # temperature, then nucleus filtering (ours, see _TopP: transformers would run a custom processor
-        # before its own temperature, so ours does both and transformers' are switched off)
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0,
-                      logits_processor=LogitsProcessorList([_TopP(top_p, temperature)]))
-    torch.manual_seed(seed)
-    with torch.no_grad(), model.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, **kwargs):
-        _add_front(model, plan, n)
-        out = model.generator.output.save()
-    return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    out = generate_ids(model, batch, max_new_tokens, edit=lambda m: _add_front(m, plan, n), sample=sample,
+                       top_p=top_p, temperature=temperature, seed=seed)
+    return tok.batch_decode(out, skip_special_tokens=True)
 
 
 def log_odds(logprobs: torch.Tensor, positive: Sequence[int], negative: Sequence[int]) -> torch.Tensor:

@@ -11,23 +11,37 @@ batch that feeds only the last token against that cache. All windows and all kno
 group of facts are one traced forward of one token per row. ``knockout_sweep_looped`` does the
 same sweep the plain way (one full forward per intervention); the tests and ``bench/knockout.py``
 check that both agree.
+
+The knockouts name positions relative to the subject (:func:`key_masks`); :func:`position_index`
+names the four positions that chapter 2's enrichment and causal-tracing experiments read or restore.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from lmbook.core.models import model_device
+from lmbook.core.models import model_device, trace
 from lmbook.core.params import ParameterError, check_int
-from lmbook.core.tokens import Batch, encode, token_span
+from lmbook.core.tokens import Batch, encode, start_token_id, token_span
 
-__all__ = ["KINDS", "FactGroup", "group_facts", "layer_windows", "key_masks", "knockout_sweep",
-           "knockout_sweep_looped", "last_token_run", "prefix_cache"]
+__all__ = ["KINDS", "POSITIONS", "FactGroup", "group_facts", "layer_windows", "key_masks", "position_index",
+           "knockout_sweep", "knockout_sweep_looped", "sweep_facts", "last_token_run", "prefix_cache"]
 
 KINDS = ("subject", "non-subject", "last")
+POSITIONS = ("subject first", "subject last", "after subject", "last")
+
+
+def position_index(batch: Batch, spans: torch.Tensor) -> torch.Tensor:
+    """Token index of each named position (:data:`POSITIONS`) for each row: ``[B, 4]``, given the
+    subjects' token spans ``[B, 2]`` (``[start, end)``). ``after subject`` is the first token after
+    the subject (``-1`` when that is the last token). Chapter 2 reads these positions through the
+    vocabulary (enrichment) and restores them (causal tracing)."""
+    s, e = spans[:, 0], spans[:, 1]
+    after = torch.where(e < batch.last, e, torch.full_like(e, -1))
+    return torch.stack([s, e - 1, after, batch.last], dim=1)
 
 
 @dataclasses.dataclass
@@ -75,8 +89,9 @@ def key_masks(length: int, span: tuple[int, int], has_bos: bool) -> dict[str, to
     """Positions the last token may no longer read, per knockout kind: ``{kind: bool [length]}``.
 
     * ``subject``: the subject's tokens;
-    * ``non-subject``: every other token except the last one and, where the tokenizer adds one, the
-      beginning-of-sequence token (blocking that attention sink breaks any model, whatever the fact);
+    * ``non-subject``: every other token except the last one and, where ``has_bos`` (the prompt
+      begins with a start token), the first token (blocking that attention sink breaks any model,
+      whatever the fact);
     * ``last``: the last token itself.
     """
     s, e = span
@@ -90,9 +105,12 @@ def key_masks(length: int, span: tuple[int, int], has_bos: bool) -> dict[str, to
     return {"subject": subj, "non-subject": other, "last": last}
 
 
-def _has_bos(model, group: FactGroup) -> bool:
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    return bos is not None and bool((group.batch.input_ids[:, 0] == bos).all())
+def _starts_with_start_token(model, batch: Batch) -> bool:
+    """Whether every row begins with the start token (:func:`lmbook.core.tokens.start_token_id`:
+    the tokenizer's own BOS where it adds one, else the token ``encode(..., start=True)`` puts first),
+    the attention sink that knockouts never block."""
+    sid = start_token_id(model)
+    return sid is None or bool((batch.input_ids[:, 0] == sid).all())
 
 
 def _plan(model, group: FactGroup, kinds: Sequence[str], windows: Sequence[Sequence[int]]):
@@ -104,7 +122,7 @@ def _plan(model, group: FactGroup, kinds: Sequence[str], windows: Sequence[Seque
     if bad:
         raise ParameterError(f"unknown knockout kinds {bad}; valid: {list(KINDS)}")
     n, F = group.length, len(group.index)
-    bos = _has_bos(model, group)
+    bos = _starts_with_start_token(model, group.batch)
     R = 1 + len(kinds) * len(windows)
     keep = torch.ones(F, R, n)
     active = torch.zeros(model.num_layers, R, dtype=torch.bool)
@@ -143,20 +161,22 @@ def last_token_run(model, group: FactGroup, keep: torch.Tensor | None, active: t
     """
     F, n = len(group.index), group.length
     rows = F * repeats
-    dev = model_device(model)
-    cache = prefix_cache(model, group, repeats)
-    ids = group.batch.input_ids[:, -1:].repeat_interleave(repeats, 0).to(dev)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(rows, n, dtype=torch.long, device=dev)}
-    if keep is not None:
-        keep = keep.to(dev)
-        active = active.to(dev)
-    with torch.no_grad(), model.trace(inputs, cache=cache, use_cache=True):
+    if getattr(model, "lmbook_remote", False):
+        # NDIF cannot take a cache computed here: run the whole prompts; the knockout edits their last row.
+        ids = group.batch.input_ids.repeat_interleave(repeats, 0)
+        run = trace(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    else:
+        cache = prefix_cache(model, group, repeats)
+        ids = group.batch.input_ids[:, -1:].repeat_interleave(repeats, 0)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(rows, n, dtype=torch.long)}
+        run = trace(model, inputs, cache=cache, use_cache=True)
+    with torch.no_grad(), run:
         extra = list().save()
         for layer in range(model.num_layers):
             if keep is not None and bool(active[layer].any()):
                 k = torch.where(active[layer][:, None], keep, torch.ones_like(keep))  # [rows, n]
-                p = model.attention_probabilities[layer]  # [rows, heads, 1, n]
-                q = p[:, :, -1] * k[:, None, :].to(p.dtype)
+                p = model.attention_probabilities[layer]  # [rows, heads, 1 or n, n], on that layer's device
+                q = p[:, :, -1] * k[:, None, :].to(device=p.device, dtype=p.dtype)
                 p[:, :, -1] = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
             if read_layer is not None:
                 extra.append(read_layer(model, layer))
@@ -186,19 +206,17 @@ def knockout_sweep_looped(model, group: FactGroup, kinds: Sequence[str] = KINDS,
     if windows is None:
         windows = layer_windows(model.num_layers, window)
     keep, active = _plan(model, group, kinds, windows)
-    F, R, n = keep.shape
+    F, R, _ = keep.shape
     out = torch.empty(F, R)
-    dev = model_device(model)
-    keep = keep.to(dev)
     for f in range(F):
-        ids = group.batch.input_ids[f:f + 1].to(dev)
+        ids = group.batch.input_ids[f:f + 1]
         for r in range(R):
-            with torch.no_grad(), model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+            with torch.no_grad(), trace(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
                 for layer in range(model.num_layers):
                     if not bool(active[layer, r]):
                         continue
-                    p = model.attention_probabilities[layer]  # [1, heads, n, n]
-                    q = p[:, :, -1] * keep[f, r][None, None, :].to(p.dtype)
+                    p = model.attention_probabilities[layer]  # [1, heads, n, n], on that layer's device
+                    q = p[:, :, -1] * keep[f, r][None, None, :].to(device=p.device, dtype=p.dtype)
                     p[:, :, -1] = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
                 pr = model.logits[0, -1].float().softmax(-1)[int(group.target[f])].save()
             out[f, r] = pr.cpu()
@@ -206,7 +224,8 @@ def knockout_sweep_looped(model, group: FactGroup, kinds: Sequence[str] = KINDS,
 
 
 def sweep_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets: torch.Tensor,
-                kinds: Sequence[str] = KINDS, window: int = 9, max_group: int = 16, progress: bool = True) -> torch.Tensor:
+                kinds: Sequence[str] = KINDS, window: int = 9, max_group: int = 16,
+                progress: bool = True) -> torch.Tensor:
     """:func:`knockout_sweep` over many prompts, grouped by token length, with a progress bar.
     Returns ``[N, 1 + len(kinds) * n_layers]`` target probabilities in the order of ``prompts``."""
     from tqdm.auto import tqdm

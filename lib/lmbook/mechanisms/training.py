@@ -1,33 +1,315 @@
-"""Short supervised fine-tunes on a CPU: low-rank adapters (LoRA) or a few unfrozen layers.
+"""Training a model on a CPU: which parameters, one AdamW loop, and two cheap ways to train.
 
-Introduced in chapter 5, which teaches a model that never refuses to refuse harmful requests
-before looking for the direction that mediates the refusal. The model is trained on
-``(prompt, reply)`` pairs with the loss on the reply's tokens only.
+One home for training. Chapter 3 ("Perplexity pitfalls") continues pretraining the top blocks of a
+model on raw text; chapter 5 ("Refusal direction") fine-tunes a model with low-rank adapters
+(LoRA) on ``(prompt, reply)`` pairs. Both run :func:`adamw_loop`: AdamW with a constant learning
+rate and no weight decay, optional gradient clipping, a seeded order of examples
+(:func:`shuffled_batches`), the loss of each step recorded, and the optimiser's state dropped at
+the end. Training runs on the underlying transformers model (``model._model``) outside any nnsight
+trace.
 
-* ``method="lora"`` (Hu et al., 2021) adds ``(alpha / rank) * B A x`` to the output of every linear
-  module inside the chosen layers, with ``A`` ``[rank, in]`` random and ``B`` ``[out, rank]`` zero, so
-  training starts from the model itself. The adapters live in forward hooks during training and are
-  then **merged** into the weights (``W += (alpha / rank) B A``) and the hooks removed: afterwards
-  the model is an ordinary model of the same shape, which nnsight traces like any other.
-* ``method="layers"`` unfreezes every parameter of the chosen layers and freezes them again afterwards.
-
-Training runs on the underlying transformers model (``model._model``) outside any nnsight trace.
-Logits are computed only at the positions whose next token is scored, which for a 262k-token
-vocabulary (Gemma 3) is most of the saving.
+* **Top blocks on cached lower-layer states** (chapter 3, :func:`train_top_layers`). Only the top
+  ``k`` blocks and the final norm are trained (:func:`top_layer_parameters`). The lower blocks are
+  frozen, so their output on a fixed text never changes: :func:`prefix_states` computes it once (an
+  nnsight trace) and :func:`skip_lower_layers` swaps the lower blocks for a stub that returns those
+  cached states, so every training step and every evaluation (:func:`cached_nll`,
+  :func:`cached_last_top1`) runs only the top blocks and the unembedding. ``tests/test_training.py``
+  checks that this gives the full model's losses. :func:`restore_after` puts the weights back.
+* **LoRA** (chapter 5, :func:`finetune`; Hu et al., 2021) adds ``(alpha / rank) * B A x`` to the
+  output of every linear module inside the chosen layers, with ``A`` ``[rank, in]`` random and ``B``
+  ``[out, rank]`` zero, so training starts from the model itself. The adapters live in forward hooks
+  during training and are then **merged** into the weights (``W += (alpha / rank) B A``) and the
+  hooks removed: afterwards the model is an ordinary model of the same shape, which nnsight traces
+  like any other. ``method="layers"`` instead unfreezes every parameter of the chosen layers and
+  freezes them again afterwards. The loss is on the reply's tokens only, and logits are computed
+  only at the positions whose next token is scored, which for a 262k-token vocabulary (Gemma 3) is
+  most of the saving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
+from lmbook.core.models import refuse_remote, trace
 from lmbook.core.params import ParameterError, check_choice, check_float, check_int, check_layers
-from lmbook.core.tokens import pad_token_id
+from lmbook.core.tokens import Batch, pad_token_id
+from lmbook.mechanisms.likelihood import Scored, as_batch, length_batches, logits_nll
+from lmbook.mechanisms.readout import softcap
 
-__all__ = ["FinetuneResult", "attach_lora", "finetune", "reply_loss", "tokenize_pairs"]
+__all__ = ["layer_modules", "final_norm", "top_layer_parameters", "restore_after",
+           "skip_lower_layers", "prefix_states", "cached_nll", "cached_last_top1",
+           "shuffled_batches", "adamw_loop", "train_top_layers",
+           "FinetuneResult", "attach_lora", "tokenize_pairs", "finetune", "reply_loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Which parameters
+
+
+def layer_modules(model) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (the module behind nnterp's ``model.layers``)."""
+    layers = getattr(model.layers, "_module", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ParameterError("could not find the model's list of layers behind model.layers")
+    return layers
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The norm before the unembedding (the module behind nnterp's ``model.ln_final``)."""
+    return model.ln_final._module
+
+
+def _unique(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def top_layer_parameters(model, n_train_layers: int) -> list[torch.nn.Parameter]:
+    """Parameters of the top ``n_train_layers`` blocks and of the final norm (the ones
+    :func:`train_top_layers` trains). Embeddings and the unembedding stay frozen."""
+    n = model.num_layers
+    check_int("n_train_layers", n_train_layers, 1, n)
+    layers = layer_modules(model)
+    params = [p for i in range(n - n_train_layers, n) for p in layers[i].parameters()]
+    return _unique(params + list(final_norm(model).parameters()))
+
+
+@contextlib.contextmanager
+def restore_after(params: Sequence[torch.nn.Parameter]):
+    """Keep a CPU copy of ``params`` and write it back on exit, so every training run starts from the
+    same base model. ``requires_grad`` is switched off again too."""
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s.to(p.device))
+                p.requires_grad_(False)
+                p.grad = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen lower blocks, run once and cached
+
+
+class _CachedOutput(torch.nn.Module):
+    """Stands in for the frozen lower blocks: returns the cached residual stream it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.value is None:
+            raise RuntimeError("skip_lower_layers: set the cached states before the forward pass")
+        if self.value.shape[:2] != hidden_states.shape[:2]:
+            raise RuntimeError(f"cached states {tuple(self.value.shape)} do not match the input "
+                               f"{tuple(hidden_states.shape)}")
+        return self.value.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def skip_lower_layers(model, n_frozen: int):
+    """Inside this context the model's blocks ``0 .. n_frozen-1`` are replaced by one stub whose
+    output is ``stub.value`` (set it to the cached states of the batch before each forward). The
+    blocks are put back on exit, also after an error. ``n_frozen=0`` changes nothing."""
+    layers = layer_modules(model)
+    check_int("n_frozen", n_frozen, 0, len(layers) - 1)
+    originals = [layers[i] for i in range(n_frozen)]
+    stub = _CachedOutput()
+    try:
+        for i in range(n_frozen):
+            layers[i] = stub
+        yield stub
+    finally:
+        for i, m in enumerate(originals):
+            layers[i] = m
+
+
+def prefix_states(model, texts: Scored | Batch, n_frozen: int, batch_size: int = 8) -> torch.Tensor | None:
+    """Residual stream after block ``n_frozen - 1`` at every position, ``[B, T, d]`` (nnsight), or
+    ``None`` when ``n_frozen == 0`` (nothing is frozen, nothing to cache). ``texts`` is a
+    :class:`lmbook.mechanisms.likelihood.Scored` or a :class:`lmbook.core.tokens.Batch`."""
+    refuse_remote(model, "training the top blocks (prefix_states)")
+    check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
+    if n_frozen == 0:
+        return None
+    batch = as_batch(texts)
+    T = batch.input_ids.shape[1]
+    out = torch.zeros(len(batch), T, model.hidden_size)
+    for idx in length_batches(batch, batch_size):
+        sub = batch.select(idx)
+        with torch.no_grad(), trace(model, sub):
+            h = model.layers_output[n_frozen - 1].save()
+        out[idx, : sub.input_ids.shape[1]] = h.float().cpu()
+    return out
+
+
+def _cached_forward(model, stub, states, sub: Batch, **kwargs) -> torch.Tensor:
+    """Logits of ``sub`` with the lower blocks replaced by ``states`` of its rows (``stub`` is the one
+    :func:`skip_lower_layers` yields, ``None`` when nothing is frozen)."""
+    hf = model._model
+    device = next(hf.parameters()).device
+    if stub is not None:
+        stub.value = states[:, : sub.input_ids.shape[1]].to(device)
+    return hf(input_ids=sub.input_ids.to(device), attention_mask=sub.attention_mask.to(device), use_cache=False,
+              **kwargs).logits
+
+
+def _rows(states, idx):
+    return None if states is None else states[idx]
+
+
+def cached_nll(model, scored: Scored, states: torch.Tensor | None, n_frozen: int, batch_size: int = 8) -> torch.Tensor:
+    """Like :func:`lmbook.mechanisms.likelihood.token_nll`, ``[B, T-1]`` nats, but running only blocks
+    ``n_frozen ..`` on cached ``states`` (from :func:`prefix_states`); plain PyTorch, so it also works
+    while the model is being trained."""
+    T = scored.batch.input_ids.shape[1]
+    out = torch.zeros(len(scored), T - 1)
+    with torch.no_grad(), skip_lower_layers(model, n_frozen) as stub:
+        for idx in length_batches(scored, batch_size):
+            sub = scored.batch.select(idx)
+            logits = _cached_forward(model, stub if n_frozen else None, _rows(states, idx), sub)
+            out[idx, : sub.input_ids.shape[1] - 1] = logits_nll(logits, sub.input_ids,
+                                                               sub.attention_mask[:, 1:]).float().cpu()
+    return out
+
+
+def cached_last_top1(model, batch: Batch, states: torch.Tensor | None, n_frozen: int,
+                     batch_size: int = 64) -> torch.Tensor:
+    """Top-1 next token after each row's last token, ``[B]``, running only blocks ``n_frozen ..`` on
+    cached ``states`` of ``batch`` (a :class:`lmbook.core.tokens.Batch`, as
+    :func:`lmbook.data.facts.known_mask` encodes its prompts). Logits are computed at the last tokens only."""
+    out = torch.empty(len(batch), dtype=torch.long)
+    with torch.no_grad(), skip_lower_layers(model, n_frozen) as stub:
+        for idx in length_batches(batch, batch_size):
+            sub = batch.select(idx)
+            keep = torch.unique(sub.last)
+            logits = _cached_forward(model, stub if n_frozen else None, _rows(states, idx), sub,
+                                     logits_to_keep=keep.to(next(model._model.parameters()).device))
+            col = torch.searchsorted(keep, sub.last)
+            out[idx] = logits[torch.arange(len(idx)), col.to(logits.device)].argmax(-1).cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One AdamW loop
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, *, epochs: int | None = None,
+                     steps: int | None = None) -> list[list[int]]:
+    """The order in which :func:`adamw_loop` visits ``n`` examples, as lists of row indices.
+
+    ``epochs=e``: ``e`` passes, each a seeded permutation cut into batches of ``batch_size`` (the last
+    one of a pass may be smaller). ``steps=s``: ``s`` batches of ``batch_size`` drawn from a stream of
+    seeded permutations, a new one appended whenever fewer than ``batch_size`` examples are left (a
+    batch may straddle two passes; with ``batch_size > n`` every batch is one whole permutation).
+    Give exactly one of the two."""
+    check_int("n", n, 1)
+    check_int("batch_size", batch_size, 1)
+    if (epochs is None) == (steps is None):
+        raise ParameterError("shuffled_batches: give exactly one of epochs= and steps=")
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    if epochs is not None:
+        check_int("epochs", epochs, 0)
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).tolist()
+            out += [perm[s:s + batch_size] for s in range(0, n, batch_size)]
+        return out
+    check_int("steps", steps, 0)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=gen).tolist()
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def adamw_loop(params: Sequence[torch.nn.Parameter], batches: Sequence[list[int]],
+               loss_fn: Callable[[list[int]], torch.Tensor], *, lr: float, max_grad_norm: float | None = None,
+               on_step: Callable[[int], None] | None = None, desc: str = "training",
+               progress: bool = True) -> list[float]:
+    """The training loop of the book: one AdamW step (constant ``lr``, no weight decay) per entry of
+    ``batches`` on the scalar ``loss_fn(rows)``, gradients clipped to ``max_grad_norm`` when given;
+    ``on_step(step)`` runs after each step (``step`` counts from 1). ``params`` must require
+    gradients. Returns the loss of every step; the optimiser's gradients are dropped at the end."""
+    from tqdm.auto import tqdm
+
+    check_float("lr", lr, 0.0, 1.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    bar = tqdm(total=len(batches), desc=desc, leave=False, disable=not progress)
+    try:
+        with torch.enable_grad():
+            for rows in batches:
+                loss = loss_fn(rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if on_step is not None:
+                    on_step(len(losses))
+    finally:
+        bar.close()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------
+# Continued pretraining of the top blocks (chapter 3)
+
+
+def train_top_layers(model, train: Scored, states: torch.Tensor | None, *, n_train_layers: int, lr: float,
+                     epochs: int, batch_size: int = 4, seed: int = 0, max_grad_norm: float = 1.0,
+                     on_step: Callable[[int], None] | None = None, desc: str = "training",
+                     progress: bool = True) -> list[float]:
+    """Continue pretraining the top ``n_train_layers`` blocks and the final norm on the texts of
+    ``train`` for ``epochs`` passes (:func:`shuffled_batches` with ``epochs``), the loss being the mean
+    next-token loss of the batch's tokens; ``states`` are the lower blocks' output from
+    :func:`prefix_states` with ``n_frozen = model.num_layers - n_train_layers``. Gradients are
+    clipped to ``max_grad_norm``. The weights change in place (wrap the call in
+    :func:`restore_after`) and are frozen again afterwards. Returns the loss of every step."""
+    refuse_remote(model, "training the top blocks")
+    check_int("epochs", epochs, 0)
+    n_frozen = model.num_layers - n_train_layers
+    params = top_layer_parameters(model, n_train_layers)
+
+    def loss_fn(rows):
+        sub = train.batch.select(rows)
+        with skip_lower_layers(model, n_frozen) as stub:
+            logits = _cached_forward(model, stub if n_frozen else None, _rows(states, rows), sub)
+        nll = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:])
+        return nll.sum() / sub.attention_mask[:, 1:].sum().to(nll.device)
+
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return adamw_loop(params, shuffled_batches(len(train), batch_size, seed, epochs=epochs), loss_fn, lr=lr,
+                          max_grad_norm=max_grad_norm, on_step=on_step, desc=desc, progress=progress)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Supervised fine-tuning on (prompt, reply) pairs, LoRA or whole layers (chapter 5)
 
 
 @dataclasses.dataclass
@@ -79,22 +361,20 @@ class _LoRA:
         self.handles = []
 
 
-def _layer_modules(model, layers: list[int]) -> list[torch.nn.Module]:
-    return [model.layers[l]._module for l in layers]
-
-
 def attach_lora(model, layers, rank: int = 8, alpha: float = 16.0, seed: int = 0) -> _LoRA:
     """LoRA adapters on every ``nn.Linear`` inside ``layers``; returns the handle (``.parameters()``,
     ``.merge()``, ``.remove()``)."""
     layers = check_layers("layers", layers, model.num_layers)
     check_int("rank", rank, 1, 4096)
-    linears = [m for block in _layer_modules(model, layers) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    blocks = layer_modules(model)
+    linears = [m for i in layers for m in blocks[i].modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ParameterError(f"no linear modules found in layers {layers} of {type(model._model).__name__}")
     return _LoRA(linears, rank, alpha, torch.Generator().manual_seed(seed))
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], add_special_tokens: bool = False, end: str | None = None):
+def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], add_special_tokens: bool = False,
+                   end: str | None = None):
     """Token ids of ``prompt + reply`` for each pair and the labels (``-100`` on the prompt's tokens).
 
     The prompt and the reply are tokenised separately and concatenated, so the boundary is exact;
@@ -114,10 +394,10 @@ def _collate(items, pad_id: int):
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    for k, (i, l) in enumerate(items):
-        ids[k, : len(i)] = torch.tensor(i)
-        labels[k, : len(l)] = torch.tensor(l)
-        mask[k, : len(i)] = 1
+    for k, (row, lab) in enumerate(items):
+        ids[k, : len(row)] = torch.tensor(row)
+        labels[k, : len(lab)] = torch.tensor(lab)
+        mask[k, : len(row)] = 1
     return ids, labels, mask
 
 
@@ -126,10 +406,7 @@ def _reply_loss(hf, ids, labels, mask) -> torch.Tensor:
     hidden = hf.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, d]
     target = labels[:, 1:]
     keep = target != -100
-    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = softcap(hf, hf.get_output_embeddings()(hidden[:, :-1][keep]))
     return torch.nn.functional.cross_entropy(logits.float(), target[keep])
 
 
@@ -149,7 +426,8 @@ def finetune(
     progress: bool = True,
 ) -> FinetuneResult:
     """Train ``model`` in place on ``(prompt, reply)`` pairs for ``steps`` AdamW steps of
-    ``batch_size`` pairs (reshuffled every pass through the data), loss on the replies only.
+    ``batch_size`` pairs (:func:`shuffled_batches` with ``steps``: reshuffled every pass through the
+    data), loss on the replies only, no gradient clipping.
 
     ``layers``: which layers to adapt (default all for LoRA); ``end``: a string appended to every
     reply (see :func:`tokenize_pairs`). LoRA adapters are merged into the weights at the end.
@@ -160,42 +438,32 @@ def finetune(
     check_float("lr", lr, 0.0, 1.0)
     if not pairs:
         raise ParameterError("finetune needs at least one (prompt, reply) pair")
-    if getattr(model, "lmbook_remote", False):
-        raise ParameterError("a model loaded with remote=True runs on NDIF and cannot be fine-tuned here")
+    refuse_remote(model, "fine-tuning")
     layers = check_layers("layers", layers, model.num_layers)
     if not getattr(model, "dispatched", True):
         model.dispatch()
     hf = model._model
-    tok = model.tokenizer
-    data = tokenize_pairs(tok, pairs, add_special_tokens=add_special_tokens, end=end)
-    pad = pad_token_id(tok)
-    gen = torch.Generator().manual_seed(seed)
+    data = tokenize_pairs(model.tokenizer, pairs, add_special_tokens=add_special_tokens, end=end)
+    pad = pad_token_id(model.tokenizer)
     if method == "lora":
         lora = attach_lora(model, layers, rank, alpha, seed)
         params = lora.parameters()
     else:
         lora = None
-        params = [p for block in _layer_modules(model, layers) for p in block.parameters()]
+        blocks = layer_modules(model)
+        params = _unique(p for i in layers for p in blocks[i].parameters())
         for p in params:
             p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    from tqdm.auto import tqdm
 
-    losses, order = [], []
+    def loss_fn(rows):
+        ids, labels, mask = _collate([data[i] for i in rows], pad)
+        return _reply_loss(hf, ids.to(hf.device), labels.to(hf.device), mask.to(hf.device))
+
     was_training = hf.training
     hf.train(False)  # no dropout: the small models here have none anyway, and eval keeps it so
     try:
-        with torch.enable_grad():
-            for _ in tqdm(range(steps), desc=f"fine-tune ({method})", disable=not progress):
-                if len(order) < batch_size:
-                    order += torch.randperm(len(data), generator=gen).tolist()
-                idx, order = order[:batch_size], order[batch_size:]
-                ids, labels, mask = _collate([data[i] for i in idx], pad)
-                loss = _reply_loss(hf, ids.to(hf.device), labels.to(hf.device), mask.to(hf.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+        losses = adamw_loop(params, shuffled_batches(len(data), batch_size, seed, steps=steps), loss_fn, lr=lr,
+                            desc=f"fine-tune ({method})", progress=progress)
     finally:
         if lora is not None:
             lora.merge()
@@ -210,15 +478,15 @@ def finetune(
 def reply_loss(model, pairs: Sequence[tuple[str, str]], add_special_tokens: bool = False, end: str | None = None,
                batch_size: int = 16) -> float:
     """Mean reply-token loss of ``model`` on ``pairs`` (no gradient): for checking a fine-tune."""
-    tok = model.tokenizer
+    refuse_remote(model, "the reply loss of a fine-tune")
+    hf, tok = model._model, model.tokenizer
     data = tokenize_pairs(tok, pairs, add_special_tokens=add_special_tokens, end=end)
     pad = pad_token_id(tok)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            chunk = data[start:start + batch_size]
-            ids, labels, mask = _collate(chunk, pad)
+            ids, labels, mask = _collate(data[start:start + batch_size], pad)
             n = int((labels[:, 1:] != -100).sum())
-            total += float(_reply_loss(model._model, ids, labels, mask)) * n
+            total += float(_reply_loss(hf, ids.to(hf.device), labels.to(hf.device), mask.to(hf.device))) * n
             count += n
     return total / count

@@ -1,13 +1,24 @@
-"""Logit lens and activation patching on tiny random models."""
+"""Reading the residual stream through the unembedding (lmbook.mechanisms.readout) on tiny random models."""
+
 
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
-from lmbook.mechanisms.readout import emergence_layer, logit_lens
-from lmbook.mechanisms.interventions import hidden_states, last_token_logprobs, patch_sweep, sublayer_norms
 from lmbook.core.tokens import encode
+from lmbook.mechanisms.readout import (
+    emergence_layer,
+    final_logits,
+    lens_on_states,
+    logit_lens,
+    next_token_logprobs,
+    promoted_tokens,
+    target_logits,
+    unembed,
+)
+from lmbook.mechanisms.sublayers import sublayer_writes
+
+from conftest import PROMPTS
 from tiny import FAMILIES
 
 
@@ -17,7 +28,7 @@ def test_lens_at_last_layer_is_the_models_output(family, tiny_models):
     b = encode(model, PROMPTS)
     targets = torch.tensor([5, 6, 7])
     r = logit_lens(model, b, targets=targets, k=3)
-    lp = last_token_logprobs(model, b)
+    lp = next_token_logprobs(model, b)
     assert r.target_logprobs.shape == (model.num_layers, 3, 1, 3)
     torch.testing.assert_close(r.target_logprobs[-1, :, 0], lp[:, targets], atol=1e-5, rtol=1e-5)
     top = lp.topk(3, dim=-1)
@@ -59,54 +70,9 @@ def test_emergence_layer():
     assert emergence_layer(top, tgt, [10, 11, 12, 13]).tolist() == [12, 10, 13]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_patching_a_prompt_into_itself_changes_nothing(family, tiny_models):
-    model = tiny_models[family]
-    b = encode(model, PROMPTS[:1])
-    lp = patch_sweep(model, b, b)
-    for row in lp[1:]:
-        torch.testing.assert_close(row, lp[0], atol=1e-5, rtol=1e-5)
-
-
-def test_batched_patch_sweep_equals_one_forward_per_layer(llama):
-    src, tgt = encode(llama, PROMPTS[1:2]), encode(llama, PROMPTS[2:3])
-    lp = patch_sweep(llama, src, tgt, source_pos=2, target_pos=1)
-    states = hidden_states(llama, src, positions=torch.tensor([2]))
-    assert not torch.allclose(lp[1], lp[0]), "patching a different prompt should change the output"
-    for layer in range(llama.num_layers):
-        with torch.no_grad(), llama.trace(tgt.inputs()):
-            llama.layers_output[layer][0, 1] = states[layer, 0]
-            one = llama.logits[0, -1].log_softmax(-1).save()
-        torch.testing.assert_close(lp[layer + 1], one, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        clean = llama._model(**tgt.inputs()).logits[0, -1].log_softmax(-1)
-    torch.testing.assert_close(lp[0], clean, atol=1e-5, rtol=1e-5)
-
-
-def test_patch_positions_are_checked(llama):
-    b = encode(llama, PROMPTS[:1])
-    with pytest.raises(ParameterError, match="target_pos=99"):
-        patch_sweep(llama, b, b, target_pos=99)
-    with pytest.raises(ParameterError, match="one source prompt"):
-        patch_sweep(llama, encode(llama, PROMPTS), b)
-
-
-def test_sublayer_norms_match_a_plain_forward(llama):
-    b = encode(llama, PROMPTS)
-    norms = sublayer_norms(llama, b, row=1)
-    n = int(b.last[1]) + 1
-    with torch.no_grad():
-        ref = llama._model(**b.inputs(), output_hidden_states=True)
-    assert norms["residual"].shape == (llama.num_layers, n)
-    for layer in range(llama.num_layers - 1):
-        torch.testing.assert_close(norms["residual"][layer], ref.hidden_states[layer + 1][1, :n].norm(dim=-1))
-    assert (norms["attention"] > 0).all() and (norms["mlp"] > 0).all()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_last_only_logits_equal_full_logits(family, tiny_models):
     from lmbook.core.models import trace
-    from lmbook.mechanisms.readout import final_logits
 
     model = tiny_models[family]
     b = encode(model, PROMPTS)
@@ -116,3 +82,37 @@ def test_last_only_logits_equal_full_logits(family, tiny_models):
         part = final_logits(model, b, last_only=True).save()
     assert part.shape == (len(PROMPTS), model.vocab_size)
     torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+
+
+def test_unembed_equals_the_models_logits(llama):
+    b = encode(llama, PROMPTS)
+    with torch.no_grad(), llama.trace(b.inputs()):
+        h = llama.ln_final.output[b.rows(), b.last].save()
+        ref = llama.logits[b.rows(), b.last].save()
+    torch.testing.assert_close(unembed(llama, h, chunk=2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_promoted_tokens_reads_a_direction_through_the_unembedding(llama):
+    tok = llama.tokenizer
+    target = tok.convert_tokens_to_ids("paris")
+    # a direction along the unembedding row of "paris" promotes "paris" first
+    w = llama._model.lm_head.weight
+    d = w[target] * 50 - w.mean(0) * 50
+    assert promoted_tokens(llama, d, k=3)[0] == "paris"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_lens_on_states_equals_the_logit_lens(family, tiny_models):
+    model = tiny_models[family]
+    b = encode(model, PROMPTS)
+    w = sublayer_writes(model, b)
+    tg = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    lp, top = lens_on_states(model, w["resid"], tg, k=2)
+    ref = logit_lens(model, b, targets=tg, k=2)
+    torch.testing.assert_close(lp, ref.target_logprobs[:, :, 0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(top, ref.top_ids[:, :, 0])
+    # target logits alone give the same differences between targets
+    lg = target_logits(model, w["resid"], tg)
+    torch.testing.assert_close(lg[..., 1] - lg[..., 0], lp[..., 1] - lp[..., 0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ParameterError, match="targets must be"):
+        lens_on_states(model, w["resid"], tg[:2])

@@ -1,0 +1,77 @@
+"""lmbook.data.facts (chapter 2's dataset): loading with schema checks, answer tokens, related words."""
+
+import json
+
+import pytest
+
+from lmbook import ParameterError
+from lmbook.data.facts import Fact, answer_token_ids, load_descriptions, load_facts, related_token_sets, word_pieces
+
+
+def test_project_dataset_is_valid_and_large_enough():
+    facts = load_facts()
+    descriptions = load_descriptions()
+    assert len(facts) >= 400 and len({f.relation for f in facts}) >= 10
+    assert {f.subject for f in facts} <= set(descriptions)
+    assert len({f.id for f in facts}) == len(facts)
+
+
+def _fact(**kw):
+    return json.dumps({"id": "a", "relation": "r", "subject": "S", "template": "{} is in", "prompt": "S is in",
+                       "attribute": "X", **kw})
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", "line 2: not valid JSON"),
+    (json.dumps({"id": "x"}), "line 2: missing fields"),
+    (_fact(id="b", prompt="T is in"),
+     "line 2: prompt 'T is in' is not template.format"),
+    (_fact(),
+     "line 2: duplicate id 'a'"),
+    (_fact(id="c", attribute=" X"),
+     "line 2: attribute ' X' has surrounding whitespace"),
+])
+def test_malformed_facts_name_the_line(tmp_path, line, message):
+    good = _fact()
+    path = tmp_path / "facts.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    before = path.read_text()
+    with pytest.raises(ParameterError, match=message):
+        load_facts(path)
+    assert path.read_text() == before
+
+
+def test_missing_facts_file(tmp_path):
+    with pytest.raises(ParameterError, match="FACTS_PATH=.*no such file"):
+        load_facts(str(tmp_path / "nope.jsonl"))
+
+
+def test_answer_token_ids_are_the_first_token_after_a_space(llama):
+    facts = [Fact("a", "r", "italy", "the capital of {} is", "the capital of italy is", w) for w in ["rome", "paris"]]
+    ids = answer_token_ids(llama.tokenizer, facts)
+    tok = llama.tokenizer
+    assert ids.tolist() == [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ["rome", "paris"]]
+    assert answer_token_ids(llama, facts).tolist() == ids.tolist()  # a model or its tokenizer
+
+
+def test_related_tokens_exclude_subject_and_stopwords(llama):
+    f = Fact("a", "r", "eiffel tower", "the {} is in", "the eiffel tower is in", "paris")
+    description = {"eiffel tower": "The eiffel tower is a tower in paris and the city."}
+    sets = related_token_sets(llama.tokenizer, [f], description)
+    assert "paris" in sets["eiffel tower"] and "city" in sets["eiffel tower"]
+    assert not {"the", "and", "eiffel", "tower", "is", "in"} & sets["eiffel tower"]
+    assert word_pieces(llama.tokenizer, "Paris") >= {"paris"}
+    with pytest.raises(ParameterError, match="no description"):
+        related_token_sets(llama.tokenizer, [f], {})
+
+
+def test_facts_module_runs_no_model():
+    """The data layer reads files and tokenizers only: it imports no mechanism or experiment."""
+    import ast
+    from pathlib import Path
+
+    from lmbook.data import facts
+
+    tree = ast.parse(Path(facts.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.startswith(("lmbook.mechanisms", "lmbook.experiments"))}

@@ -1,0 +1,134 @@
+"""lmbook.experiments.recall (chapter 2, Geva et al. 2023): known facts, and the protocols the chapter
+runs (knockout, enrichment, sublayer knockout, extraction) on a tiny model, through the same functions."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROMPTS
+from lmbook import ParameterError
+from lmbook.core.tokens import encode, token_span
+from lmbook.data.facts import Fact, answer_token_ids
+from lmbook.experiments.recall import (PAPER_FINDINGS, EnrichmentRun, ExtractionRun, KnockoutRun, SublayerRun,
+                                       TokenText, attributes_rate, comparison_column, extraction_events,
+                                       known_by_relation, known_mask, run_enrichment, run_extraction, run_knockout,
+                                       run_sublayer_knockout, sample_known, sublayer_knockout_topk)
+from lmbook.mechanisms.knockout import KINDS, POSITIONS, group_facts, position_index, sweep_facts
+from lmbook.mechanisms.readout import logit_lens, top1_matches
+
+SUBJECTS = ["eiffel tower", "michael jordan", "italy"]
+ATTRIBUTES = ["paris", "basketball", "rome"]
+FACTS = [Fact(str(i), r, s, p.replace(s, "{}"), p, a)
+         for i, (r, s, p, a) in enumerate(zip(["city", "sport", "capital"], SUBJECTS, PROMPTS, ATTRIBUTES))]
+DESCRIPTIONS = {"eiffel tower": "a tower in paris france", "michael jordan": "he plays basketball music",
+                "italy": "rome colosseum italy language"}
+
+
+def test_known_mask_is_the_models_top1(llama):
+    with torch.no_grad():
+        top = [int(llama._model(**encode(llama, [f.prompt]).inputs()).logits[0, -1].argmax()) for f in FACTS]
+    words = [llama.tokenizer.decode([t]).strip() for t in top]
+    facts = FACTS + [Fact(f"k{i}", "r", f.subject, f.template, f.prompt, w)
+                     for i, (f, w) in enumerate(zip(FACTS, words, strict=True))]
+    mask = known_mask(llama, facts, batch_size=2)
+    assert mask.dtype == torch.bool and mask[3:].all()
+    assert mask[:3].tolist() == [a == w for a, w in zip(ATTRIBUTES, words)]
+    assert torch.equal(mask, top1_matches(llama, [f.prompt for f in facts], answer_token_ids(llama, facts)))
+
+
+def test_sample_known_is_seeded_sorted_and_capped():
+    known = {"a": torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool), "b": torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool)}
+    chosen = sample_known(known, 3, seed=0)
+    assert chosen == sample_known(known, 3, seed=0)
+    assert len(chosen["a"]) == 3 and chosen["a"] == sorted(chosen["a"]) and set(chosen["a"]) <= {0, 2, 3, 4}
+    assert chosen["b"] == [1]
+    with pytest.raises(ParameterError, match="c knows none of the 5 facts"):
+        sample_known({"c": torch.zeros(5, dtype=torch.bool)}, 3)
+
+
+def test_known_by_relation_counts():
+    table = known_by_relation(FACTS, {"m": torch.tensor([True, False, True])})
+    assert list(table.index) == ["capital", "city", "sport", "all"]
+    assert table.loc["all"].tolist() == [3, 2] and table.loc["sport", "m"] == 0
+
+
+def test_attributes_rate_counts_content_tokens(llama):
+    tok = llama.tokenizer
+    ids = torch.tensor(tok.convert_tokens_to_ids(["paris", "the", "of", "city", "italy", "a"]))
+    text = TokenText(llama)
+    # content tokens (not stop words, > 2 characters): paris, city, italy
+    assert attributes_rate(ids, frozenset({"paris"}), text) == pytest.approx(1 / 3)
+    assert attributes_rate(ids, frozenset({"paris", "italy", "rome"}), text) == pytest.approx(2 / 3)
+    stop = torch.tensor(tok.convert_tokens_to_ids(["the", "of", "a"]))
+    assert attributes_rate(stop, frozenset({"paris"}), text) == 0.0
+
+
+def test_run_knockout_is_the_sweep_relative_to_clean(llama):
+    run = run_knockout(llama, FACTS, window=2, progress=False)
+    probs = sweep_facts(llama, PROMPTS, SUBJECTS, answer_token_ids(llama, FACTS), window=2, progress=False)
+    L = llama.num_layers
+    assert isinstance(run, KnockoutRun) and set(run.changes) == set(KINDS) and run.n_layers == L
+    np.testing.assert_allclose(run.clean, probs[:, 0].numpy())
+    np.testing.assert_allclose(run.changes["non-subject"], (probs[:, 1 + L:1 + 2 * L] / probs[:, :1] - 1).numpy() * 100)
+    value, layer, depth = run.largest_drop("subject")
+    assert value == pytest.approx(run.curves()["subject"].min()) and depth == layer / (L - 1)
+
+
+def test_run_enrichment_reads_the_logit_lens(llama):
+    run = run_enrichment(llama, FACTS, DESCRIPTIONS, top_k=5, batch_size=2)
+    assert isinstance(run, EnrichmentRun) and run.rates.shape == (3, llama.num_layers, len(POSITIONS))
+    assert np.isnan(run.rates[2, :, 2]).all()  # "italy" has no token between it and the last one
+    ok = run.rates[~np.isnan(run.rates)]
+    assert ((ok >= 0) & (ok <= 1)).all()
+    # fact 0, subject's last token, last layer: the rate of the logit lens's own top-5 there
+    b = encode(llama, PROMPTS[:1])
+    ids = logit_lens(llama, b, positions=position_index(b, torch.tensor([token_span(b, 0, SUBJECTS[0])])), k=5).top_ids
+    from lmbook.experiments.recall import _other_attributes
+
+    rel = _other_attributes(llama, FACTS, DESCRIPTIONS)[0]
+    assert "paris" not in rel and "tower" not in rel  # the answer and the subject's own words are excluded
+    assert run.rates[0, -1, 1] == pytest.approx(attributes_rate(ids[-1, 0, 1], rel, TokenText(llama)))
+    value, _ = run.peak("subject last")
+    assert value == pytest.approx(np.nanmax(run.curve("subject last")))
+
+
+def test_sublayer_knockout_clean_column_is_the_lens(llama):
+    b = encode(llama, PROMPTS)
+    spans = torch.tensor([token_span(b, i, s) for i, s in enumerate(SUBJECTS)])
+    ids, starts = sublayer_knockout_topk(llama, b, spans, read_layer=2, window=1, k=4)
+    assert starts == [0, 1] and ids.shape == (3, 5, 4)
+    lens = logit_lens(llama, b, positions=position_index(b, spans), k=4, layers=[2]).top_ids
+    assert torch.equal(ids[:, 0], lens[0, :, 1])
+    assert not torch.equal(ids[:, 1:], ids[:, :1].expand_as(ids[:, 1:]))
+
+
+def test_run_sublayer_knockout(llama):
+    run = run_sublayer_knockout(llama, FACTS, DESCRIPTIONS, depth=1.0, window=1, top_k=4, batch_size=2)
+    assert isinstance(run, SublayerRun) and run.read_layer == llama.num_layers - 1
+    assert run.starts == list(range(run.read_layer)) and run.clean.shape == (3,)
+    assert run.mlp.shape == run.attention.shape == (3, len(run.starts))
+    clean, mlp, attn = run.early_effect()
+    assert clean == pytest.approx(run.clean.mean()) and mlp == pytest.approx(run.mlp[:, :1].mean())
+    assert attn == pytest.approx(run.attention[:, :1].mean())
+
+
+def test_extraction_events_shape_and_clean_row(llama):
+    g = group_facts(llama, PROMPTS[:1], SUBJECTS[:1], torch.tensor([10]))[0]
+    ev = extraction_events(llama, g, g.target)
+    assert ev.shape == (1, 2, llama.num_layers, 2) and ev.dtype == torch.bool
+    assert torch.equal(extraction_events(llama, g, g.target, block_subject=False)[:, 0], ev[:, 0])
+
+
+def test_run_extraction_and_comparison_column(llama):
+    run = run_extraction(llama, FACTS, progress=False)
+    assert isinstance(run, ExtractionRun) and run.events.shape == (3, 2, llama.num_layers, 2)
+    summary = run.any_layer(n_boot=100, seed=0)
+    assert set(summary) == {"attention", "mlp", "attention_blocked", "mlp_blocked"}
+    for mean, lo, hi in summary.values():
+        assert 0 <= lo <= mean <= hi <= 100
+    ko = run_knockout(llama, FACTS, window=2, progress=False)
+    enrich = run_enrichment(llama, FACTS, DESCRIPTIONS, top_k=5)
+    sub = run_sublayer_knockout(llama, FACTS, DESCRIPTIONS, depth=1.0, window=1, top_k=4)
+    column = comparison_column(ko, enrich, sub, summary, None)
+    assert len(column) == len(PAPER_FINDINGS) and column[-1] == "not run"
+    assert column[3] == f"attention {summary['attention'][0]:.0f}%, MLP {summary['mlp'][0]:.0f}%"
