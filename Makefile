@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export PYTHONNOUSERSITE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv models book book-force lint test test-unit clean
+.PHONY: venv models book book-force lint test test-unit bench clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ test: models lint
 
 test-unit: models
 	$(BIN)/python -m pytest -m "not chapters and not book"
+
+# Every chapter's dominant computation against its naive reference and its floor, one torch thread
+# (a few minutes); rewrites bench/results.json and the table in bench/README.md.
+bench: models
+	OMP_NUM_THREADS=1 $(BIN)/python bench/suite.py --all --threads 1 --write
 
 clean:
 	rm -rf _build

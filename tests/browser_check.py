@@ -236,9 +236,16 @@ def check_page(dt: DevTools, session: str, base: str, html_root: Path, rel: str,
     for c in r["code"]:
         problems.append(f"code scrolls sideways by {c['excess_px']} px in a {c['width_px']} px column: "
                         f"{c['line'].strip()[:100]!r} ({len(c['line'])} characters)")
-    height = dt.call("Page.getLayoutMetrics", session)["cssContentSize"]["height"]
-    shot = dt.call("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
-                   clip={"x": 0, "y": 0, "width": width, "height": min(height, MAX_SHOT_HEIGHT), "scale": 1})
+    # A window as tall as the page (up to MAX_SHOT_HEIGHT), same width: the column keeps its layout
+    # (captureBeyondViewport lays the page out again at another width).
+    height = int(min(dt.call("Page.getLayoutMetrics", session)["cssContentSize"]["height"], MAX_SHOT_HEIGHT))
+    dt.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
+            mobile=False)
+    dt.drain(0.3)
+    shot = dt.call("Page.captureScreenshot", session, format="png",
+                   clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})
+    dt.call("Emulation.setDeviceMetricsOverride", session, width=width, height=HEIGHT, deviceScaleFactor=1,
+            mobile=False)
     out = shots / (rel[:-len(".html")].replace("/", "__") + ".png")
     import base64
 
@@ -296,7 +303,8 @@ def check_book(html_root: Path, shots: Path, width: int = WIDTH, chromium: str |
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("html", nargs="?", default=str(ROOT / "_build" / "html"), help="the built book (default _build/html)")
+    ap.add_argument("html", nargs="?", default=str(ROOT / "_build" / "html"),
+                    help="the built book (default _build/html)")
     ap.add_argument("--screenshots", default=str(ROOT / "_build" / "screenshots"),
                     help="folder for one PNG per page (default _build/screenshots)")
     ap.add_argument("--width", type=int, default=WIDTH, help=f"window width in CSS pixels (default {WIDTH})")

@@ -33,7 +33,8 @@ def assert_claims(run) -> dict:
         assert run.results[name] == c["sentence"], f"{name}: recorded sentence differs"
         assert glued.get(name) == c["sentence"], f"{name}: glued {glued.get(name)!r}, outcome selects {c['sentence']!r}"
     nb = json.loads(run.notebook.read_text())
-    quoted = {m for cell in nb["cells"] if cell["cell_type"] == "markdown" for m in GLUE.findall("".join(cell["source"]))}
+    markdown = ["".join(cell["source"]) for cell in nb["cells"] if cell["cell_type"] == "markdown"]
+    quoted = {m for text in markdown for m in GLUE.findall(text)}
     assert quoted == set(claims), f"quoted but not recorded: {sorted(quoted - set(claims))}; " \
                                   f"recorded but not quoted: {sorted(set(claims) - quoted)}"
     return claims

@@ -93,3 +93,9 @@ PROMPTS = [
     "michael jordan plays the sport of",
     "the capital of italy is",
 ]
+
+def one_line(excinfo) -> str:
+    """The message of a raised error, checked to be one line (the book's errors are)."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg

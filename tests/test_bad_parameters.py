@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
 from lmbook.core.params import LmbookError
+
+from conftest import ROOT
 
 TABLE = Path(__file__).parent / "bad_parameters.yaml"
 ROWS = yaml.safe_load(TABLE.read_text(encoding="utf-8"))
@@ -116,7 +117,8 @@ def test_a_kernel_reports_the_same_one_line(param, value, ename, expect, tmp_pat
     src = tmp_path / "cut.ipynb"
     src.write_text(json.dumps(nb))
     with pytest.raises(pm.PapermillExecutionError) as e:
-        pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={param: value, "RESULTS_DIR": str(tmp_path / "r")},
+        pm.execute_notebook(str(src), str(tmp_path / "out.ipynb"),
+                            parameters={param: value, "RESULTS_DIR": str(tmp_path / "r")},
                             kernel_name="python3", progress_bar=False, cwd=str(ROOT / "chapters"))
     assert e.value.ename == ename and expect in e.value.evalue and "\n" not in e.value.evalue
     assert not (tmp_path / "r").exists()

@@ -4,13 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
 from lmbook.core.tokens import encode, token_span
 from lmbook.data.facts import Fact, answer_token_ids
-from lmbook.experiments.causal_tracing import (EMPTY_SUMMARY, KINDS, CausalTracingRun, causal_trace,
-                                               run_causal_tracing, subject_embedding_std)
+from lmbook.experiments.causal_tracing import (
+    EMPTY_SUMMARY,
+    KINDS,
+    CausalTracingRun,
+    causal_trace,
+    run_causal_tracing,
+    subject_embedding_std,
+)
 from lmbook.mechanisms.knockout import POSITIONS, position_index
+
+from conftest import PROMPTS
 
 SUBJECTS = ["eiffel tower", "michael jordan", "italy"]
 FACTS = [Fact(str(i), "r", s, p.replace(s, "{}"), p, a)
@@ -62,3 +69,19 @@ def test_run_causal_tracing_collects_each_fact(llama):
     assert s["attention_peak_position"] in POSITIONS
     with pytest.raises(ParameterError, match="at least one fact"):
         run_causal_tracing(llama, [])
+
+
+def test_peak_layer_and_corruption_drop():
+    F, L = 12, 8
+    eff = {k: np.zeros((F, L, 4)) for k in ("hidden", "mlp", "attention")}
+    eff["mlp"][:, 2, POSITIONS.index("subject last")] = 0.3
+    eff["attention"][:, 6, POSITIONS.index("last")] = 0.2
+    eff["attention"][:, :, POSITIONS.index("after subject")] = np.nan
+    run = CausalTracingRun(eff, np.full(F, 0.6), np.linspace(0.1, 0.2, F), 1.0)
+    assert run.peak_layer("mlp", "subject last", n_boot=100).value == 2
+    assert run.peak_layer("attention", "last", n_boot=100).value == 6
+    assert run.peak_layer("attention", "after subject", n_boot=100).missing
+    d = run.corruption_drop(n_boot=100)
+    assert d.low > 0 and d.value == pytest.approx(0.45)
+    one = CausalTracingRun({k: v[:1] for k, v in eff.items()}, np.full(1, 0.6), np.full(1, 0.1), 1.0)
+    assert one.peak_layer("mlp", "subject last").missing and one.corruption_drop().missing

@@ -1,6 +1,7 @@
 """Chapter 1 (the tour): properties its recorded results must have, whatever the model shows."""
 
 import pytest
+
 from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from claimcheck import assert_claims
 from lmbook.data.facts import load_facts
 
 pytestmark = pytest.mark.chapters
@@ -39,3 +40,8 @@ def test_smoke_results(smoke_run):
     if p.get("N_TRACE", 1) > 0:
         assert 0.0 <= r["trace_p_corrupt"] <= 1.0 and 0.0 < r["trace_p_clean"] <= 1.0
         assert math.isfinite(r["trace_mlp_subject_last_peak"])
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("02_factual_recall"))

@@ -6,6 +6,8 @@ import math
 import papermill as pm
 import pytest
 
+from claimcheck import assert_claims
+
 from conftest import ROOT, smoke_params
 
 pytestmark = pytest.mark.chapters
@@ -76,3 +78,8 @@ def test_bad_corpora_fail_at_once(tmp_path):
     injected = next(i for i, c in enumerate(cells) if "injected-parameters" in c.get("metadata", {}).get("tags", []))
     assert failed == [next(i for i, c in enumerate(nb["cells"]) if i > injected and c["cell_type"] == "code")]
     assert not (tmp_path / "results").exists()
+
+
+def test_smoke_claims(smoke_run):
+    """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""
+    assert_claims(smoke_run("03_perplexity"))

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters
@@ -30,6 +31,15 @@ def test_smoke_results(smoke_run):
             assert r[f"{name}_ppl_ratio"] <= params.get("MAX_PPL_RATIO", 1.25)
     assert r["sentiment_effect_best"] <= r["sentiment_effect_max"] + 1e-9
     assert r["topic_rate_best"] <= r["topic_rate_max"] + 1e-9
+    # items 1-3 of issue 13: pair words left out, choice on selection prompts, report on held-out ones
+    assert "love" in " ".join(r["words_removed"]["positive"]) and r["words_removed"]["negative"]
+    for key in ("sentiment_selection_kept", "sentiment_heldout_kept", "sentiment_heldout_all",
+                "topic_selection_kept", "topic_heldout_kept", "topic_unsteered_heldout_kept"):
+        v, lo, hi = r[key]
+        assert lo <= v <= hi, key
+    assert r["sentiment_selection_kept"][0] == pytest.approx(r["sentiment_effect_best"])
+    assert r["topic_selection_kept"][0] == pytest.approx(r["topic_rate_best"])
+    assert "Yesterday after work I" in r["prompts_shortened"]
     n = params["N_EXAMPLE_SAMPLES"]
     assert len(r["examples"]) == 2 * 2 * n
     assert sum(e["steering"] == "none" for e in r["examples"]) == 2 * n

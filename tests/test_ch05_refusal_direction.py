@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from claimcheck import assert_claims
 
 pytestmark = pytest.mark.chapters

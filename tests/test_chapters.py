@@ -42,7 +42,8 @@ def test_reader_sees_the_parameters_not_the_set_up(stem):
     ip = next(i for i, t in enumerate(tags) if "parameters" in t)
     assert not tags[ip] & hidden, f"{stem}: the parameters cell is what a reader changes; keep it visible"
     validation = next(i for i in range(ip + 1, len(cells)) if cells[i]["cell_type"] == "code")
-    setup_md = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## Set-up"))
+    setup_md = next(i for i, c in enumerate(cells)
+                    if c["cell_type"] == "markdown" and "".join(c["source"]).startswith("## Set-up"))
     setup = next(i for i in range(setup_md + 1, len(cells)) if cells[i]["cell_type"] == "code")
     for i, what in [(validation, "parameter-validation"), (setup, "set-up")]:
         assert tags[i] & hidden, f"{stem}: tag the {what} cell {cells[i].get('id')} hide-input (or remove-input)"
@@ -70,7 +71,8 @@ def test_unknown_model_fails_at_once(stem, tmp_path):
     assert e.value.ename == "ModelNotAvailableError"
     assert "gemma-3-270m" in e.value.evalue and "smollm2-135m-instruct" in e.value.evalue
     nb = json.loads((tmp_path / "out.ipynb").read_text())
-    failed = [i for i, c in enumerate(nb["cells"]) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    failed = [i for i, c in enumerate(nb["cells"])
+              if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
     injected = next(i for i, t in enumerate(tags) if "injected-parameters" in t)
     validation = next(i for i, c in enumerate(nb["cells"]) if i > injected and c["cell_type"] == "code")
@@ -95,7 +97,8 @@ def smoke_book(smoke_run, tmp_path_factory):
     smoke-executed notebooks instead of executing the full chapters again: (process, html folder)."""
     book = tmp_path_factory.mktemp("book")
     shutil.copytree(ROOT, book, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(".venv", "_build", ".git", ".pytest_cache", "chapters", "__pycache__", "*.egg-info"))
+                    ignore=shutil.ignore_patterns(".venv", "_build", ".git", ".pytest_cache", "chapters", "__pycache__",
+                                                  "*.egg-info"))
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
     (book / "_config.yml").write_text(yaml.safe_dump(config))

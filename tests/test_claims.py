@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from lmbook.core.claims import (ClaimError, Estimate, against_paper, compare, order, overlap, record_claim, spans,
-                                within)
+from lmbook.core.claims import ClaimError, Estimate, against_paper, compare, order, overlap, record_claim, spans, within
 from lmbook.core.records import Recorder
 
 NAN = float("nan")

@@ -7,6 +7,8 @@ import pytest
 from lmbook import ParameterError
 from lmbook.data.facts import Fact, answer_token_ids, load_descriptions, load_facts, related_token_sets, word_pieces
 
+from conftest import one_line
+
 
 def test_project_dataset_is_valid_and_large_enough():
     facts = load_facts()
@@ -75,3 +77,33 @@ def test_facts_module_runs_no_model():
     tree = ast.parse(Path(facts.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {m for m in imported if m.startswith(("lmbook.mechanisms", "lmbook.experiments"))}
+
+
+FACT = {"id": "f1", "relation": "capital", "subject": "France", "template": "The capital of {} is",
+        "prompt": "The capital of France is", "attribute": "Paris"}
+
+
+
+@pytest.mark.parametrize("template,prompt", [("{} in {region}", "France in"), ("{0} is {}", "France is"),
+                                             ("{} {", "France {"), ("no placeholder", "no placeholder")])
+def test_fact_templates_with_other_braces(tmp_path, template, prompt):
+    f = tmp_path / "facts.jsonl"
+    f.write_text(json.dumps({**FACT, "template": template, "prompt": prompt}) + "\n")
+    with pytest.raises(ParameterError, match=r"FACTS_PATH .*line 1: template .* exactly one placeholder") as e:
+        load_facts(f)
+    one_line(e)
+
+
+def test_facts_and_descriptions_with_bad_bytes(tmp_path):
+    f = tmp_path / "facts.jsonl"
+    f.write_bytes(json.dumps(FACT).encode() + b"\n" + json.dumps(FACT).replace("France", "Fr\\u00e0nce").encode()
+                  .replace(b"\\u00e0", b"\xe0") + b"\n")
+    with pytest.raises(ParameterError, match="FACTS_PATH .*line 2: not UTF-8"):
+        load_facts(f)
+    d = tmp_path / "subjects.jsonl"
+    d.write_bytes(b'{"subject": "Z\xfcrich", "description": "A city."}\n')
+    with pytest.raises(ParameterError, match="DESCRIPTIONS_PATH .*line 1: not UTF-8"):
+        load_descriptions(d)
+    d.write_text("\n")
+    with pytest.raises(ParameterError, match="holds no descriptions"):
+        load_descriptions(d)

@@ -150,3 +150,31 @@ def test_addition_equals_adding_to_the_hidden_state(llama):
     hf = llama._model
     ref = hf.lm_head(hf.model.norm(h + v)).log_softmax(-1)
     torch.testing.assert_close(lp[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gptj"])
+def test_orthogonalized_weights_equal_the_runtime_ablation(family, tiny_models):
+    """Arditi et al.'s weight edit computes what directional ablation computes at run time, and the
+    weights (including tied embeddings) are exactly restored afterwards."""
+    from lmbook.mechanisms.interventions import orthogonalized_weights
+    from lmbook.mechanisms.readout import next_token_logprobs
+
+    model = tiny_models[family]
+    b = encode_prompts(model, HARMFUL, fmt="plain")
+    r = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in model._model.state_dict().items()}
+    runtime = last_logprobs(model, b, ablate=r)
+    with orthogonalized_weights(model, r):
+        edited = next_token_logprobs(model, b)
+    torch.testing.assert_close(edited, runtime, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(edited, next_token_logprobs(model, b), atol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model._model.state_dict().items())
+
+
+def test_orthogonalized_weights_refuse_post_sublayer_norms(tiny_models):
+    from lmbook.mechanisms.interventions import orthogonalized_weights
+
+    model = tiny_models["gemma3"]
+    with pytest.raises(ParameterError, match="post-sublayer norms"):
+        with orthogonalized_weights(model, torch.ones(model.hidden_size)):
+            pass

@@ -3,12 +3,23 @@
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
 from lmbook.core.tokens import encode, token_span
-from lmbook.mechanisms.knockout import (KINDS, POSITIONS, _plan, group_facts, key_masks, knockout_sweep,
-                                        knockout_sweep_looped, last_token_run, layer_windows, position_index,
-                                        sweep_facts)
+from lmbook.mechanisms.knockout import (
+    KINDS,
+    POSITIONS,
+    _plan,
+    group_facts,
+    key_masks,
+    knockout_sweep,
+    knockout_sweep_looped,
+    last_token_run,
+    layer_windows,
+    position_index,
+    sweep_facts,
+)
+
+from conftest import PROMPTS
 from tiny import FAMILIES
 
 SUBJECTS = ["eiffel tower", "michael jordan", "italy"]
@@ -22,8 +33,10 @@ def test_layer_windows():
         assert c in w and len(w) <= 9 and w == list(range(w[0], w[-1] + 1)) and 0 <= w[0] and w[-1] < 18
     assert wins[9] == list(range(5, 14))
     assert layer_windows(3, 1) == [[0], [1], [2]]
-    with pytest.raises(ParameterError, match="WINDOW=19"):
+    with pytest.raises(ParameterError, match="size=19"):
         layer_windows(18, 19)
+    with pytest.raises(ParameterError, match="window=19"):  # the caller's own argument is named
+        layer_windows(18, 19, "window")
 
 
 def test_key_masks_partition_positions():

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
 from lmbook.core.models import (
     PACKAGED_MODELS,
@@ -17,6 +16,8 @@ from lmbook.core.models import (
     prepare_packaged,
 )
 from lmbook.core.tokens import encode
+
+from conftest import PROMPTS
 from tiny import FAMILIES
 
 
@@ -89,7 +90,8 @@ def test_prepare_packaged_converts_once(tmp_path, monkeypatch):
     assert calls and calls[0].name.endswith(".gguf") and calls[0].is_file()
     prepare_packaged("smollm2-135m-instruct", converter=_fake_converter(calls))
     assert len(calls) == 1, "a valid cache must be reused, not converted again"
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["smollm2-135m-instruct"], "no temporary folders left behind"
+    left = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert left == ["smollm2-135m-instruct"], "no temporary folders left behind"
 
 
 def test_killed_conversion_leaves_no_trusted_cache(tmp_path, monkeypatch):
@@ -102,7 +104,8 @@ def test_killed_conversion_leaves_no_trusted_cache(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         prepare_packaged("smollm2-135m-instruct", converter=dies_halfway)
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [], "a killed conversion must leave nothing behind"
+    left = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    assert left == [], "a killed conversion must leave nothing behind"
 
 
 def test_unstamped_or_stale_cache_is_rebuilt(tmp_path, monkeypatch):
@@ -173,7 +176,6 @@ def test_packaged_models_load_offline(name, n_layers, d):
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from lmbook.core.models import ModelLoadError, check_cache, model_depth  # noqa: E402
 from lmbook.core.params import LmbookError  # noqa: E402

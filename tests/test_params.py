@@ -1,23 +1,31 @@
 """The parameter checks every validation cell uses, and the data readers' one-line errors (issue 17)."""
 
-import json
 import os
 
 import pytest
 import torch
 
-from lmbook.core.params import (LmbookError, ParameterError, check_device, check_parameter_names,
-                                check_results_dir, check_seed, declared_parameters, read_jsonl, read_text)
-from lmbook.data.facts import load_descriptions, load_facts
-from lmbook.data.instructions import load_instructions
-from lmbook.data.steering import load_text_lines, load_word_lists
-from lmbook.data.tasks import load_tasks
+from lmbook.core.params import (
+    LmbookError,
+    ParameterError,
+    check_choice,
+    check_device,
+    check_file,
+    check_float,
+    check_int,
+    check_layer,
+    check_layers,
+    check_parameter_names,
+    check_results_dir,
+    check_seed,
+    check_type,
+    declared_parameters,
+    read_jsonl,
+    read_text,
+)
+from lmbook.data.word_lists import load_text_lines, load_word_lists
 
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
+from conftest import one_line
 
 
 def test_seed_range():
@@ -92,71 +100,16 @@ def test_read_text_names_the_line_of_a_bad_byte(tmp_path):
         read_text(tmp_path, "X")
 
 
-FACT = {"id": "f1", "relation": "capital", "subject": "France", "template": "The capital of {} is",
-        "prompt": "The capital of France is", "attribute": "Paris"}
 
 
-@pytest.mark.parametrize("template,prompt", [("{} in {region}", "France in"), ("{0} is {}", "France is"),
-                                             ("{} {", "France {"), ("no placeholder", "no placeholder")])
-def test_fact_templates_with_other_braces(tmp_path, template, prompt):
-    f = tmp_path / "facts.jsonl"
-    f.write_text(json.dumps({**FACT, "template": template, "prompt": prompt}) + "\n")
-    with pytest.raises(ParameterError, match=r"FACTS_PATH .*line 1: template .* exactly one placeholder") as e:
-        load_facts(f)
-    one_line(e)
 
 
-def test_facts_and_descriptions_with_bad_bytes(tmp_path):
-    f = tmp_path / "facts.jsonl"
-    f.write_bytes(json.dumps(FACT).encode() + b"\n" + json.dumps(FACT).replace("France", "Fr\\u00e0nce").encode()
-                  .replace(b"\\u00e0", b"\xe0") + b"\n")
-    with pytest.raises(ParameterError, match="FACTS_PATH .*line 2: not UTF-8"):
-        load_facts(f)
-    d = tmp_path / "subjects.jsonl"
-    d.write_bytes(b'{"subject": "Z\xfcrich", "description": "A city."}\n')
-    with pytest.raises(ParameterError, match="DESCRIPTIONS_PATH .*line 1: not UTF-8"):
-        load_descriptions(d)
-    d.write_text("\n")
-    with pytest.raises(ParameterError, match="holds no descriptions"):
-        load_descriptions(d)
 
 
-def test_instructions_name_their_parameter(tmp_path):
-    with pytest.raises(ParameterError, match="HARMLESS='.*missing.jsonl': no such file"):
-        load_instructions(tmp_path / "missing.jsonl", "HARMLESS")
-    f = tmp_path / "h.jsonl"
-    f.write_bytes(b'{"id": "a", "instruction": "cr\xe8me", "category": "c", "split": "train"}\n')
-    with pytest.raises(ParameterError, match="HARMFUL .*line 1: not UTF-8"):
-        load_instructions(f, "HARMFUL")
-    f.write_text('{"id": "a", "instruction": "x", "category": "c", "split": "train", "extra": 1}\n')
-    with pytest.raises(ParameterError, match=r"HARMFUL .*line 1: unknown field\(s\) \['extra'\]"):
-        load_instructions(f)
-    from lmbook.experiments.refusal import load_instructions as from_refusal
-
-    assert from_refusal is load_instructions
 
 
-def test_tasks_with_bad_bytes(tmp_path):
-    f = tmp_path / "t.jsonl"
-    f.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "\xe9t\xe9", "output": "summer"}\n')
-    with pytest.raises(ParameterError, match="TASKS_PATH .*t.jsonl, line 2: not UTF-8") as e:
-        load_tasks(f)
-    one_line(e)
 
 
-@pytest.mark.parametrize("text,match", [
-    ('{"positive": [" love"],\n "negative": [,]}', "WORD_LISTS .*line 2: not valid JSON"),
-    ('[" love"]', "expected a JSON object"),
-    ('{"positive": [" love"], "negative": [" hate"]}', "under 'weddings', got nothing"),
-    ('{"positive": " love", "negative": [" hate"], "weddings": ["bride"]}', "under 'positive', got str"),
-    ('{"positive": [" love", ""], "negative": [" hate"], "weddings": ["bride"]}', r"positive\[1\] must be a non-empty string"),
-])
-def test_word_lists(tmp_path, text, match):
-    f = tmp_path / "w.json"
-    f.write_text(text)
-    with pytest.raises(ParameterError, match=match) as e:
-        load_word_lists(f)
-    one_line(e)
 
 
 def test_word_lists_and_neutral_text_as_shipped(tmp_path):
@@ -174,3 +127,24 @@ def test_errors_share_one_base():
 
     assert issubclass(ParameterError, LmbookError) and issubclass(ParameterError, ValueError)
     assert issubclass(ModelLoadError, LmbookError) and issubclass(ModelNotAvailableError, ParameterError)
+
+
+def test_checks_name_the_bad_value(tmp_path):
+    with pytest.raises(ParameterError, match=r"LAYER=18 is out of range.*0\.\.17"):
+        check_layer("LAYER", 18, 18)
+    assert check_layer("LAYER", -1, 18) == 17
+    with pytest.raises(ParameterError, match="LAYER must be int, got str"):
+        check_layer("LAYER", "3", 18)
+    with pytest.raises(ParameterError, match="N must be int, got bool"):
+        check_int("N", True, 0, 10)
+    with pytest.raises(ParameterError, match="N=11 is out of range"):
+        check_int("N", 11, 0, 10)
+    assert check_float("X", 1, 0, 2) == 1.0
+    with pytest.raises(ParameterError, match="choose one of"):
+        check_choice("KIND", "c", ["a", "b"])
+    assert check_layers("L", None, 3) == [0, 1, 2]
+    with pytest.raises(ParameterError, match="empty"):
+        check_layers("L", [], 3)
+    with pytest.raises(ParameterError, match="no such file"):
+        check_file("FACTS_PATH", str(tmp_path / "none.jsonl"))
+    assert check_type("S", "x", str) == "x"

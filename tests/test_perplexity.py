@@ -4,6 +4,7 @@ chapter's protocol functions end to end."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from lmbook.data.corpora import build_corpus, check_corpora
 from lmbook.data.facts import Fact
 from lmbook.experiments.perplexity import (
     CLASSES,
+    RecallChanges,
     adapt,
     adaptation_baseline,
     adaptation_sweep,
@@ -23,6 +25,7 @@ from lmbook.experiments.perplexity import (
     ppl_excluding,
     readable_tokens,
     recall_changes,
+    run_directions,
     score_models,
     summarize,
     token_class,
@@ -201,3 +204,26 @@ def test_the_chapter_protocol_end_to_end(tiny_dirs, corpora, test_device):
         records.update(keys)
     to_jsonable(records)  # everything the chapter records is JSON
     assert records["n_runs"] == 4 and records["n_scored_models"] == 2 and records["top_k"] == 3
+
+    # what the chapter's claims rest on: each run's direction, and the correlation over runs
+    dirs = run_directions(sweep, drivers)
+    assert len(dirs) == 4 and set(dirs.direction) <= {"rise", "fall", "unclear"}
+    for (_, r), (_, c) in zip(dirs.iterrows(), drivers.contributions.iterrows()):
+        assert r["change"] == pytest.approx(sweep.same_domain()[r["domain"], r["lr"]])
+        assert (r["direction"] == "rise") == (c["low"] > 0) and (r["direction"] == "fall") == (c["high"] < 0)
+        assert math.isfinite(r["other domains"])
+    rho = recall.correlation(n_boot=100)
+    assert rho.missing or rho.low <= rho.value <= rho.high
+
+
+def test_recall_correlation_over_runs():
+    import pandas as pd
+
+    table = pd.DataFrame({"mean change bpb, all domains": np.linspace(-0.1, 0.3, 9),
+                          "change": -np.linspace(-0.1, 0.3, 9) + np.tile([0.0, 0.01, -0.01], 3)})
+    rc = RecallChanges(table, 0.5, 100, torch.zeros(100, dtype=torch.bool), [1e-4])
+    rho = rc.correlation(n_boot=200)
+    assert rho.value == pytest.approx(table.iloc[:, 0].rank().corr(table["change"].rank())) and rho.high < 0
+    flat = RecallChanges(table.assign(change=0.0), 0.5, 100, torch.zeros(100, dtype=torch.bool), [1e-4])
+    assert flat.correlation().missing
+    assert RecallChanges(table[:2], 0.5, 100, torch.zeros(100), [1e-4]).correlation().missing  # too few runs

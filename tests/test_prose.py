@@ -12,8 +12,8 @@ import pytest
 
 from conftest import ROOT
 
-CHECKED = ["01_tour", "04_activation_addition", "05_refusal_direction", "06_task_vectors",
-           "07_vector_arithmetic"]  # chapters 2 and 3 join once their prose goes through claims
+CHECKED = ["01_tour", "02_factual_recall", "03_perplexity", "04_activation_addition", "05_refusal_direction",
+           "06_task_vectors", "07_vector_arithmetic"]
 
 MODEL_NAMES = re.compile(r"gemma|smol\s*lm|qwen|llama|mistral|pythia", re.IGNORECASE)  # models the book can run
 NUMBER = re.compile(r"(?<![\w.\-−])[−-]?\d+(?:[.,]\d+)?%?(?!\w|[.,]\d|-)")
@@ -22,6 +22,15 @@ CHAPTER_REF = re.compile(r"\bchapters? \d+(?: and \d+)?", re.IGNORECASE)  # "cha
 ALLOWED = {  # phrases that stay typed, removed before the check
     "01_tour": [
         "because Gemma 3 normalises each sublayer's\noutput once more before adding it",  # method: the architecture
+    ],
+    "02_factual_recall": [
+        "(as in Gemma 3)", "(95% interval",  # method: the architecture, the interval
+        # what the papers report (Geva et al., Meng et al.)
+        "after layer 40 of 48", "GPT-2 XL (48 layers) and GPT-J (28 layers)",
+        "(1.5B parameters, 48 layers) and GPT-J (6B, 28 layers)",
+    ],
+    "03_perplexity": [
+        "gradient norm clipped to 1", "the 95% interval over",  # method
     ],
     "04_activation_addition": [  # what the paper reports (Turner et al.)
         "GPT-2 XL (48 layers", "layer 6 with coefficient 5", "layer 20 with coefficient 4",
@@ -42,6 +51,7 @@ ALLOWED = {  # phrases that stay typed, removed before the check
         "GPT-2 Medium (24 layers)", "from layer 15", "from layer 19",
         "layers 19 (capitals), 18 (past tense) and 19 (upper-casing)", "13, 19 and 25 of GPT-J's 28 layers",
         "relative depth 0.48 to\n0.93", "from layer 18 to the last (23)", "every layer from 18 to the last",
+        "only about 8% of the time",  # the demo's note on the past-tense vector
     ],
 }
 

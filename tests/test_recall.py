@@ -5,16 +5,32 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS
 from lmbook import ParameterError
 from lmbook.core.tokens import encode, token_span
 from lmbook.data.facts import Fact, answer_token_ids
-from lmbook.experiments.recall import (PAPER_FINDINGS, EnrichmentRun, ExtractionRun, KnockoutRun, SublayerRun,
-                                       TokenText, attributes_rate, comparison_column, extraction_events,
-                                       known_by_relation, known_mask, run_enrichment, run_extraction, run_knockout,
-                                       run_sublayer_knockout, sample_known, sublayer_knockout_topk)
+from lmbook.experiments.recall import (
+    PAPER_FINDINGS,
+    EnrichmentRun,
+    ExtractionRun,
+    KnockoutRun,
+    SublayerRun,
+    TokenText,
+    attributes_rate,
+    comparison_column,
+    extraction_events,
+    known_by_relation,
+    known_mask,
+    run_enrichment,
+    run_extraction,
+    run_knockout,
+    run_sublayer_knockout,
+    sample_known,
+    sublayer_knockout_topk,
+)
 from lmbook.mechanisms.knockout import KINDS, POSITIONS, group_facts, position_index, sweep_facts
 from lmbook.mechanisms.readout import logit_lens, top1_matches
+
+from conftest import PROMPTS
 
 SUBJECTS = ["eiffel tower", "michael jordan", "italy"]
 ATTRIBUTES = ["paris", "basketball", "rome"]
@@ -132,3 +148,80 @@ def test_run_extraction_and_comparison_column(llama):
     column = comparison_column(ko, enrich, sub, summary, None)
     assert len(column) == len(PAPER_FINDINGS) and column[-1] == "not run"
     assert column[3] == f"attention {summary['attention'][0]:.0f}%, MLP {summary['mlp'][0]:.0f}%"
+
+
+# ---------------------------------------------------------------- the estimates behind the chapter's claims
+
+
+def _knockout(subject_layer, nonsubject_layer, F=20, L=12, seed=0):
+    """Facts whose subject (non-subject) knockout dips around the given layers, with noise."""
+    rng = np.random.default_rng(seed)
+    layers = np.arange(L)
+    dip = lambda c: -50 * np.exp(-0.5 * ((layers - c) / 1.5) ** 2)  # noqa: E731
+    changes = {"subject": dip(subject_layer) + rng.normal(0, 5, (F, L)),
+               "non-subject": dip(nonsubject_layer) + rng.normal(0, 5, (F, L)), "last": rng.normal(0, 5, (F, L))}
+    return KnockoutRun(changes, np.full(F, 0.5), 3)
+
+
+def test_bootstrap_stat_brackets_and_needs_two_rows():
+    from lmbook.core.claims import bootstrap_stat
+
+    e = bootstrap_stat(np.arange(10.0), np.mean)
+    assert e.low <= e.value == 4.5 <= e.high and e.low < e.high
+    assert bootstrap_stat(np.ones(1), np.mean).missing and bootstrap_stat(np.array([np.nan, np.nan]), np.mean).missing
+
+
+def _rest(F=20, L=12, mlp=0.0, attention=0.0):
+    """Enrichment, sublayer and extraction runs of F facts without any effect, for :func:`paper_comparison`."""
+    sub = SublayerRun(8, list(range(8)), 3, np.full(F, 10.0), np.full((F, 8), mlp), np.full((F, 8), attention))
+    return EnrichmentRun(np.zeros((F, L, 4)), 50), sub, ExtractionRun(np.zeros((F, 2, L, 2), dtype=bool))
+
+
+@pytest.mark.parametrize("subject, nonsubject, outcome", [(8, 3, "as_paper"), (3, 8, "unlike_paper"),
+                                                          (5, 5, "indistinguishable")])
+def test_dip_layers_and_the_knockout_row(subject, nonsubject, outcome):
+    from lmbook.experiments.recall import PAPER_ROWS, paper_comparison
+
+    ko = _knockout(subject, nonsubject)
+    dips = ko.dip_layers(n_boot=200)
+    assert dips["subject"].value == subject and dips["non-subject"].value == nonsubject
+    assert dips["subject - non-subject"].value == subject - nonsubject
+    assert ko.drop_at("subject", subject).high < 0
+    rows = paper_comparison(ko, *_rest(attention=9.0), None, n_boot=200)
+    assert tuple(rows) == PAPER_ROWS and len(PAPER_ROWS) == len(PAPER_FINDINGS)
+    assert rows["knockout"][0] == outcome
+    # MLP cancelled: rate 10 -> 0; attention cancelled: 10 -> 9
+    assert rows["sublayer"][0] == "as_paper" and rows["sublayer"][1]["gap"].value == pytest.approx(9.0)
+    assert rows["enrichment"][0] == "indistinguishable"  # every rate zero: no gap
+    assert rows["extraction"][0] == "indistinguishable" and rows["tracing"][0] == "no_data"
+
+
+def test_a_curve_that_does_not_drop_has_no_dip():
+    from lmbook.experiments.recall import paper_comparison
+
+    ko = _knockout(8, 3)
+    flat = KnockoutRun({k: np.abs(v) for k, v in ko.changes.items()}, ko.clean, 3)
+    assert paper_comparison(flat, *_rest(), n_boot=200)["knockout"][0] == "no_dip"
+    assert _rest()[1].early_drops(n_boot=200)["mlp - attention"].value == 0
+    assert paper_comparison(ko, *_rest(mlp=10.0, attention=10.0), n_boot=200)["sublayer"][0] == "no_drop"
+    one = KnockoutRun({k: v[:1] for k, v in ko.changes.items()}, ko.clean[:1], 3)
+    assert paper_comparison(one, *_rest(F=1), n_boot=200)["knockout"][0] == "no_data"
+
+
+def test_peak_gap_and_extraction_difference():
+    F, L = 30, 6
+    rates = np.zeros((F, L, 4))
+    rates[:, 3, POSITIONS.index("subject last")] = 0.4
+    rates[:, 2, POSITIONS.index("last")] = 0.1
+    rates[:, :, POSITIONS.index("after subject")] = np.nan  # no fact has a token after its subject
+    e = EnrichmentRun(rates, 50)
+    assert e.peak_gap("subject last", "last", n_boot=100).value == pytest.approx(30.0)
+    assert e.peak_gap("subject last", "after subject", n_boot=100).missing
+    events = np.zeros((F, 2, L, 2), dtype=bool)
+    events[:20, 0, 4, 0] = True  # attention events in 20 facts, none when the subject is blocked
+    events[:5, 0, 1, 1] = True  # MLP events in 5
+    x = ExtractionRun(events)
+    assert x.hits("attention").sum() == 20 and x.hits("attention_blocked").sum() == 0
+    d = x.difference("attention", "mlp", n_boot=200)
+    assert d.value == pytest.approx(0.5) and d.low > 0
+    assert x.difference("attention_blocked", "attention", n_boot=200).high < 0

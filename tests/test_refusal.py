@@ -19,8 +19,10 @@ from lmbook.experiments.refusal import (
     post_instruction_positions,
     refusal_rate,
     refusal_score,
+    refusal_share,
     select_direction,
     text_nll,
+    text_perplexity,
 )
 from lmbook.mechanisms.interventions import hidden_states
 from lmbook.mechanisms.likelihood import logits_nll
@@ -48,6 +50,9 @@ def test_refusal_rate_counts_fixed_strings():
     assert "I'm sorry" in REFUSAL_SUBSTRINGS
     with pytest.raises(ParameterError):
         refusal_rate("I'm sorry")
+    s = refusal_share(texts)
+    assert (s.k, s.n, s.rate) == (5, 8, 5 / 8) and s.low < s.rate < s.high
+    assert refusal_share(["no", "yes"], ["no"]).k == 1  # the chapter's own substrings count
 
 
 
@@ -158,32 +163,12 @@ def test_select_direction_and_text_nll(llama):
         select_direction(llama, cand, hb, sb, [5], max_layer_fraction=0.0)
     # text_nll without intervention is the model's own loss
     s, c = text_nll(llama, hb)
+    assert text_perplexity(llama, hb) == pytest.approx(float((s.sum() / c.sum()).exp()))
     logits = llama._model(**hb.inputs()).logits
     ref = logits_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1)
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(c, hb.attention_mask[:, 1:].sum(-1))
 
 
-def test_load_instructions(tmp_path):
-    from lmbook.core.params import project_path
-    from lmbook.experiments.refusal import load_instructions
-
-    for kind in ("harmful", "harmless"):
-        rows = load_instructions(project_path(f"data/instructions/{kind}.jsonl"))
-        counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")}
-        assert counts == {"train": 40, "validation": 16, "test": 24}
-    good = '{"id": "a", "instruction": "Bake bread.", "category": "cooking", "split": "train"}'
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(good + "\n" + '{"id": "b", "instruction": "x", "category": "c", "split": "dev"}\n')
-    with pytest.raises(ParameterError, match="line 2: split 'dev'"):
-        load_instructions(bad)
-    bad.write_text(good + "\n\n" + "{not json\n")
-    with pytest.raises(ParameterError, match="line 3: not valid JSON"):
-        load_instructions(bad)
-    bad.write_text(good + "\n" + good + "\n")
-    with pytest.raises(ParameterError, match="duplicate id"):
-        load_instructions(bad)
-    with pytest.raises(ParameterError, match="no such file"):
-        load_instructions(tmp_path / "missing.jsonl")
 
 

@@ -4,8 +4,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from lmbook.core.stats import bootstrap_ci, ratio_bootstrap, share, wilson_interval
+from lmbook import ParameterError
+from lmbook.core.stats import bootstrap_ci, paired_difference, ratio_bootstrap, share, wilson_interval
 
 
 def test_wilson_interval():
@@ -59,3 +61,39 @@ def test_ratio_bootstrap_resamples_units():
     # one unit: no spread
     r1, lo1, hi1 = ratio_bootstrap([[2]], [[8]])
     assert r1[0] == lo1[0] == hi1[0] == 0.25
+
+
+def test_paired_difference():
+
+
+    x = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
+    assert paired_difference(x, x) == (0.0, 0.0, 0.0)  # a condition against itself: exactly zero
+    v, lo, hi = paired_difference([True, True], [False, False])
+    assert v == 1.0 and lo < 0 < hi  # two prompts do not separate (sign test: p = 0.5)
+    kept = torch.zeros(35, dtype=torch.bool)
+    ctrl = torch.zeros(35, dtype=torch.bool)
+    kept[:10] = True  # ten prompts only the condition keeps, two only the control keeps, 23 agree
+    ctrl[10:12] = True
+    v, lo, hi = paired_difference(kept, ctrl)
+    assert v == pytest.approx(8 / 35) and 0 < lo <= v <= hi
+    v, lo, hi = paired_difference(ctrl, kept)
+    assert lo <= v <= hi < 0
+    assert all(map(math.isnan, paired_difference([], [])))
+    with pytest.raises(ParameterError, match="same prompts"):
+        paired_difference([True], [True, False])
+
+
+def test_paired_interval_excludes_zero_exactly_when_the_sign_test_rejects():
+
+
+    for w in range(0, 13):
+        for l in range(0, 13 - w):
+            m = w + l
+            if m == 0:
+                continue
+            k = min(w, l)  # two-sided exact sign test
+            p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2 ** m)
+            kept = [True] * w + [False] * l + [True] * 3  # three prompts where both keep the answer
+            ctrl = [False] * w + [True] * l + [True] * 3
+            _, lo, hi = paired_difference(kept, ctrl)
+            assert (lo > 0 or hi < 0) == (p < 0.05), (w, l, p, lo, hi)

@@ -1,17 +1,28 @@
 """Unit tests of lmbook.experiments.steering (chapter 4) on tiny random models."""
 
+import numpy as np
 import pytest
 import torch
 
 from lmbook import ParameterError
 from lmbook.core.tokens import encode
 from lmbook.experiments.steering import (
+    PromptSplit,
+    SentimentMeasure,
+    TopicMeasure,
+    choose_setting,
     contrast_vector,
+    exclude_pair_words,
     log_odds,
+    pair_word_stems,
+    select_then_report,
+    split_prompts,
     steered_generate,
     steered_nll,
+    steered_span,
     steered_target_logprobs,
     word_rate,
+    word_stem,
 )
 from lmbook.mechanisms.interventions import hidden_states
 from lmbook.mechanisms.likelihood import logits_nll
@@ -53,15 +64,15 @@ def test_zero_coefficient_changes_nothing(gen_models):
 
 def test_zero_coefficient_reproduces_unsteered_greedy_generation(gen_models):
     for model in gen_models:
-        # a pair as long as the prompt, so that steering reaches every prompt position
+        # a pair as long as the prompt, so that steering reaches every prompt position but the last
         sv = contrast_vector(model, "paris france rome italy city capital tower located eiffel",
-                             "the a of in is new old big small", layers=[1])
+                             "the a of in is new old big small", layers=[0, 1])
         prompt = PROMPTS[0]
         ids = model.tokenizer(prompt, return_tensors="pt")
         plain = model._model.generate(**ids, max_new_tokens=8, do_sample=False,
                                       pad_token_id=model.tokenizer.pad_token_id)
         plain = model.tokenizer.decode(plain[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        out = steered_generate(model, prompt, sv, [(1, 0.0), (None, 0.0), (1, 50.0)], max_new_tokens=8, sample=False)
+        out = steered_generate(model, prompt, sv, [(1, 0.0), (None, 0.0), (0, 50.0)], max_new_tokens=8, sample=False)
         assert out[0] == out[1] == plain
         assert out[2] != plain, "a large coefficient should change a tiny model's greedy continuation"
 
@@ -145,3 +156,145 @@ def test_steered_nll_with_a_prefix_scores_the_whole_text(llama):
     assert not torch.allclose(s[0], s[1])
     with pytest.raises(ParameterError, match="prefix"):
         steered_nll(llama, [text], sv, [(1, 1.0)], prefix="a")
+
+
+def test_choose_setting_respects_the_fluency_budget():
+    effect = [[1.0, 5.0], [2.0, 9.0]]
+    ratio = [[1.0, 1.5], [1.1, 3.0]]
+    b = choose_setting(effect, ratio, [3, 7], [4.0, 16.0], max_ratio=1.6)
+    assert (b["layer"], b["coefficient"], b["effect"], b["within budget"]) == (3, 16.0, 5.0, True)
+    # nothing within the budget: the largest effect at the smallest coefficient, flagged
+    b = choose_setting(effect, ratio, [3, 7], [4.0, 16.0], max_ratio=0.5)
+    assert (b["layer"], b["coefficient"], b["within budget"]) == (7, 4.0, False)
+    with pytest.raises(ParameterError, match=r"\[2, 2\]"):
+        choose_setting([1.0], [1.0], [3, 7], [4.0, 16.0], max_ratio=1.0)
+
+
+# --- item 3 of issue 13: the steered span stops before the predicting token ---------------------------------
+
+LONG_PAIR = ("paris france rome italy city capital tower located eiffel jordan sport",
+             "the a of in is new old big small red blue")
+
+
+def test_steered_span_ends_before_the_last_token():
+    assert steered_span(8, 20) == 8
+    assert steered_span(8, 9) == 8  # positions 0..7, the last token (8) untouched
+    assert steered_span(8, 5) == 4  # shortened: positions 0..3 of a 5-token prompt
+    assert steered_span(2, 1) == 0
+
+
+def test_a_long_vector_never_touches_the_last_token(gen_models):
+    """Steering after the last layer can change the next-token prediction only through the last
+    position; a vector longer than the prompt must leave it alone (the span is shortened)."""
+    for model in gen_models:
+        last = model.num_layers - 1
+        sv = contrast_vector(model, *LONG_PAIR, layers=[0, last])
+        assert sv.n_positions > len(encode(model, PROMPTS[1], start=True).input_ids[0])
+        lp = steered_target_logprobs(model, PROMPTS, sv, [(None, 0.0), (last, 50.0)], torch.arange(10))
+        torch.testing.assert_close(lp[1], lp[0], rtol=1e-5, atol=1e-5)
+        plain, steered = steered_generate(model, PROMPTS[1], sv, [(None, 0.0), (last, 50.0)], max_new_tokens=6,
+                                          sample=False)
+        assert plain == steered
+        # at an earlier layer the shortened span still steers
+        lp = steered_target_logprobs(model, PROMPTS, sv, [(None, 0.0), (0, 50.0)], torch.arange(10))
+        assert not torch.allclose(lp[1], lp[0])
+
+
+def test_shortened_span_equals_the_truncated_vector(llama):
+    """A prompt shorter than the vector is steered exactly as by the vector's first n_tokens - 1 positions."""
+    sv = contrast_vector(llama, *LONG_PAIR, layers=[1])
+    short = PROMPTS[1]
+    n = steered_span(sv.n_positions, len(encode(llama, short, start=True).input_ids[0]))
+    cut = type(sv)(sv.layers, sv.vectors[:, :n], sv.positive_tokens[:n], sv.negative_tokens[:n])
+    a = steered_target_logprobs(llama, [short], sv, [(1, 3.0)], torch.arange(20))
+    b = steered_target_logprobs(llama, [short], cut, [(1, 3.0)], torch.arange(20))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_steered_generate_draws_samples_as_rows(llama):
+    sv = contrast_vector(llama, "paris", "rome", layers=[1])
+    out = steered_generate(llama, PROMPTS[0], sv, [(None, 0.0), (1, 4.0)], max_new_tokens=3, n_samples=3, seed=1)
+    assert len(out) == 6
+    assert out == steered_generate(llama, PROMPTS[0], sv, [(None, 0.0), (1, 4.0)], max_new_tokens=3, n_samples=3,
+                                   seed=1), "seeded"
+
+
+# --- item 1: the metric does not count the pair's own words --------------------------------------------------
+
+def test_word_stem_groups_inflections():
+    assert {word_stem(w) for w in ["love", " Lovely", "loved", "loving", "lover", "loves"]} == {"lov"}
+    assert {word_stem(w) for w in ["hate", "hated", "hateful", "hates"]} == {"hat"}
+    assert word_stem("ring") == "ring" and word_stem("bad") == "bad"  # too short to strip
+
+
+def test_exclude_pair_words_removes_the_pair_and_its_inflections_only():
+    words = [" love", " happy", " lovely", " hate", " hated", " awful", " loved"]
+    kept, removed = exclude_pair_words(words, [" Love", " Hate"])
+    assert removed == [" love", " lovely", " hate", " hated", " loved"]
+    assert kept == [" happy", " awful"]
+    assert pair_word_stems(["I talk about weddings", "I do not talk"]) >= {"wed", "talk"}
+    kept, removed = exclude_pair_words(["wedding", "bride", "weddings", "vows"], ["I talk about weddings"])
+    assert removed == ["wedding", "weddings"] and kept == ["bride", "vows"]
+
+
+# --- item 2: choose on some prompts, report on others ------------------------------------------------------
+
+def test_split_prompts_is_disjoint_seeded_and_complete():
+    prompts = [f"prompt {i}" for i in range(10)]
+    a = split_prompts(prompts, 0.7, seed=3)
+    assert len(a.heldout) == 7 and len(a.select) == 3
+    assert not set(a.select) & set(a.heldout) and set(a.select) | set(a.heldout) == set(prompts)
+    assert a == split_prompts(prompts, 0.7, seed=3)
+    assert len(split_prompts(prompts[:2], 0.99, seed=0).select) == 1  # at least one on each side
+    with pytest.raises(ParameterError, match="duplicate"):
+        split_prompts(["a", "b", "a"], 0.5, seed=0)
+    with pytest.raises(ParameterError, match="at least two"):
+        split_prompts(["a"], 0.5, seed=0)
+
+
+class RecordingMeasure:
+    """A fake measure: the effect of a configuration is its coefficient times the layer, plus a
+    per-prompt value; records every call's prompts and configurations."""
+
+    def __init__(self, bonus):
+        self.bonus, self.calls = bonus, []
+
+    def __call__(self, prompts, configs):
+        self.calls.append((list(prompts), list(configs)))
+        eff = [[(c * (layer or 0)) + self.bonus.get(p, 0.0) for p in prompts] for layer, c in configs]
+        return {"effect": np.array(eff)}
+
+    def effect(self, out):
+        return out["effect"].mean(-1)
+
+
+def test_heldout_report_never_sees_the_selection_prompts():
+    split = PromptSplit(select=["s1", "s2"], heldout=["h1", "h2", "h3"])
+    ratio = np.ones((2, 2))
+    m = RecordingMeasure({})
+    r = select_then_report(m, split, [1, 2], [1.0, 3.0], ratio, 1.5, extra_configs=[(1, 0.0)])
+    (sel_prompts, sel_configs), (held_prompts, held_configs) = m.calls
+    assert sel_prompts == ["s1", "s2"] and held_prompts == ["h1", "h2", "h3"]
+    assert len(sel_configs) == 1 + 4 + 1 and held_configs == [(None, 0.0), (2, 3.0)]
+    assert (r.choice["layer"], r.choice["coefficient"]) == (2, 3.0) and r.configs[r.index] == (2, 3.0)
+    assert r.heldout["effect"].shape == (2, 3) and r.select["effect"].shape == (6, 2)
+    # the choice does not depend on the held-out prompts at all
+    m2 = RecordingMeasure({"h1": 1e6, "h2": -1e6})
+    r2 = select_then_report(m2, split, [1, 2], [1.0, 3.0], ratio, 1.5)
+    assert r2.choice == r.choice
+    with pytest.raises(ParameterError, match="overlap"):
+        select_then_report(m, PromptSplit(["a", "b"], ["b"]), [1], [1.0], np.ones((1, 1)), 1.5)
+
+
+def test_measures_on_a_tiny_model(llama):
+    sv = contrast_vector(llama, "paris", "rome", layers=[1])
+    split = split_prompts(PROMPTS + ["the capital of france is", "a tower in paris"], 0.5, seed=0)
+    sent = SentimentMeasure(llama, sv, torch.arange(6), {"kept": ([0, 1], [2]), "all": ([0, 1, 3], [2, 4, 5])})
+    r = select_then_report(sent, split, [1], [1.0, 4.0], np.ones((1, 2)), 2.0, extra_configs=[(1, 0.0)])
+    assert r.select["kept"].shape == (4, 2) and r.heldout["all"].shape == (2, 2)
+    assert np.all(r.select["kept"][0] == 0) and np.all(r.select["kept"][-1] == 0), "unsteered / zero coefficient"
+    topic = TopicMeasure(llama, sv, {"kept": ["the"], "all": ["the", "a"]}, n_samples=2, max_new_tokens=3)
+    out = topic(split.heldout, [(None, 0.0), (1, 4.0)])
+    assert out["hits/kept"].shape == out["words"].shape == (2, 2)
+    assert np.all(out["hits/kept"] <= out["hits/all"]) and len(out["texts"][0][1]) == 2
+

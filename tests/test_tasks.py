@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmbook import ParameterError
+from lmbook.core.tokens import answer_token_ids
 from lmbook.data.tasks import (
     ARROW,
     accuracy,
-    answer_token_ids,
     few_shot_prompt,
     few_shot_prompts,
     first_token_correct,
@@ -21,6 +21,8 @@ from lmbook.data.tasks import (
     zero_shot_prompt,
 )
 
+from conftest import one_line
+
 
 def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
@@ -28,10 +30,15 @@ def _write(path, rows):
 
 
 def test_packaged_tasks_load():
-    tasks = load_tasks("data/tasks", min_pairs=50)
-    assert len(tasks) >= 5
+    tasks = load_tasks("data/tasks", min_pairs=25)
+    assert len(tasks) >= 7
     for t in tasks.values():
         assert len({x for x, _ in t.pairs}) == len(t.pairs)
+    # Hendel et al.'s letter tasks: every letter, and every letter that has a next one
+    abc = "abcdefghijklmnopqrstuvwxyz"
+    assert tasks["letter_upper"].pairs == tuple((c, c.upper()) for c in abc)
+    assert tasks["next_letter"].pairs == tuple(zip(abc[:-1], abc[1:]))
+    assert all(len(t) >= 50 for n, t in tasks.items() if n not in ("letter_upper", "next_letter"))
 
 
 def test_task_field_or_file_stem(tmp_path):
@@ -86,9 +93,32 @@ def test_split_is_disjoint_seeded_and_checked(tmp_path):
         split_task(task, 4, 15, 5)
 
 
+def test_small_task_shrinks_only_when_asked(tmp_path):
+    """26 letters cannot hold 15 validation and 25 test queries: with shrink=True the pool keeps the
+    demonstrations it needs and the rest is split in the same proportion, still disjoint."""
+    import string
+
+    f = _write(tmp_path / "letters.jsonl", [{"input": c, "output": c.upper()} for c in string.ascii_lowercase])
+    task = load_tasks(f)["letters"]
+    with pytest.raises(ParameterError, match="N_TEST=25 \\+ N_VAL=15"):
+        split_task(task, 15, 25, 8)
+    sp = split_task(task, 15, 25, 8, seed=0, shrink=True)
+    parts = [set(sp.demos), set(sp.val), set(sp.test)]
+    assert [len(p) for p in parts] == [8, 7, 11]
+    assert set().union(*parts) == set(task.pairs) and sum(map(len, parts)) == 26
+    assert split_task(task, 15, 25, 8, seed=0, shrink=True) == sp
+    big = load_tasks(_write(tmp_path / "big.jsonl", [{"input": f"w{i}", "output": f"v{i}"} for i in range(60)]))
+    assert split_task(big["big"], 15, 25, 8, shrink=True) == split_task(big["big"], 15, 25, 8), "large tasks unchanged"
+    tiny = split_task(task, 1, 1000, 24, shrink=True)
+    assert (len(tiny.demos), len(tiny.val), len(tiny.test)) == (24, 1, 1)
+    with pytest.raises(ParameterError, match="shrunk: 27"):
+        split_task(task, 15, 25, 25, shrink=True)
+
+
 def test_prompt_format():
     assert zero_shot_prompt("fast") == "fast" + ARROW
-    assert few_shot_prompt([("hot", "cold"), ("big", "small")], "fast", prefix="\n") == "\nhot → cold\nbig → small\nfast →"
+    demos = [("hot", "cold"), ("big", "small")]
+    assert few_shot_prompt(demos, "fast", prefix="\n") == "\nhot → cold\nbig → small\nfast →"
     pool = [(f"w{i}", f"v{i}") for i in range(6)]
     ps = few_shot_prompts(pool, ["w0", "w1"], k=3, seed=0)
     for q, p in zip(["w0", "w1"], ps):
@@ -138,3 +168,11 @@ def test_answer_tokens_and_prefix(llama):
     ids = answer_token_ids(llama, ["paris", "rome"])
     assert ids.tolist() == llama.tokenizer(" paris rome", add_special_tokens=False)["input_ids"]
     assert prompt_prefix(llama) == ""  # the tiny tokenizer adds <bos>
+
+
+def test_tasks_with_bad_bytes(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "\xe9t\xe9", "output": "summer"}\n')
+    with pytest.raises(ParameterError, match="TASKS_PATH .*t.jsonl, line 2: not UTF-8") as e:
+        load_tasks(f)
+    one_line(e)

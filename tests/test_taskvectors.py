@@ -37,6 +37,24 @@ def test_task_vector_is_the_mean_state(llama):
 
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gptj", "qwen2"])
+def test_head_patch_effects_every_family(tiny_models, family):
+    """The cached-prefix rows (one token each) give what one whole forward per head gives, on ragged prompts."""
+    m = tiny_models[family]
+    b = encode(m, PROMPTS)
+    z = head_contributions(m, b)["z"]
+    mean_z = z[:, 1:].mean(1)
+    eff = head_patch_effects(m, b, mean_z, TARGETS, max_rows=4)
+    name, _, _ = out_projection(m, m.num_layers - 1)
+    hd, layer, head = mean_z.shape[-1], m.num_layers - 1, m.num_heads - 1
+    base = next_token(m, b, TARGETS).target_logprob[0].exp()
+    with torch.no_grad(), m.trace(b.inputs()):
+        x = getattr(m.attentions[layer], name).input
+        x[b.rows(), b.last, head * hd:(head + 1) * hd] = mean_z[layer, head]
+        p = m.logits[b.rows(), b.last].softmax(-1)[b.rows(), TARGETS].save()
+    torch.testing.assert_close(eff[layer, head], (p - base).mean(), atol=1e-6, rtol=1e-5)
+
+
 def test_head_patch_effects(llama):
     b = encode(llama, PROMPTS)
     z = head_contributions(llama, b)["z"]  # [L, B, H, hd]
@@ -71,7 +89,7 @@ def test_top_heads_and_function_vector():
 
 def test_protocols_run_end_to_end(llama, tmp_path):
     from lmbook.data.tasks import Task, split_task
-    from lmbook.experiments.taskvectors import run_function_vector, run_task_vectors
+    from lmbook.experiments.taskvectors import run_function_vectors, run_task_vectors
 
     from tiny import WORDS
 
@@ -83,15 +101,36 @@ def test_protocols_run_end_to_end(llama, tmp_path):
     assert r.layer == int(r.val_curve.argmax())
     assert set(r.greedy) == set(r.first_token) == {"baseline", "task vector", "ICL"}
     assert all(len(v) == 5 for v in r.first_token.values())
-    fv = run_function_vector(llama, split, k=3, n_clean=4, n_corrupted=3, n_heads_grid=[1, 2], seed=0, max_rows=5)
-    assert fv.effects.shape == (llama.num_layers, llama.num_heads)
-    assert fv.val_grid.shape == (2, llama.num_layers)
-    assert fv.n_heads in (1, 2) and 0 <= fv.layer < llama.num_layers
-    assert float(fv.val_grid.max()) == float(fv.val_grid[[1, 2].index(fv.n_heads), fv.layer])
-    assert len(fv.heads) == llama.num_layers * llama.num_heads
+    back = Task("back", tuple((b, a) for a, b in zip(words[:30], words[1:31])), "test")
+    splits = {"shift": split, "back": split_task(back, n_val=4, n_test=5, min_demos=8, seed=0)}
+    fvs = run_function_vectors(llama, splits, k=3, n_clean=4, n_corrupted=3, n_heads_grid=[1, 2], seed=0,
+                               max_rows=5)
+    assert list(fvs) == ["shift", "back"]
+    # the heads are ranked once, by the effect averaged over the tasks; each task keeps its own ranking
+    mean = torch.stack([fv.effects for fv in fvs.values()]).mean(0)
+    for name, fv in fvs.items():
+        assert fv.effects.shape == (llama.num_layers, llama.num_heads)
+        assert fv.heads == top_heads(mean, mean.numel()) and fv.ranked_over == ["shift", "back"]
+        assert fv.task_heads == top_heads(fv.effects, fv.effects.numel())
+        assert fv.val_grid.shape == (2, llama.num_layers)
+        assert fv.n_heads in (1, 2) and 0 <= fv.layer < llama.num_layers
+        assert float(fv.val_grid.max()) == float(fv.val_grid[[1, 2].index(fv.n_heads), fv.layer])
+        assert len(fv.heads) == llama.num_layers * llama.num_heads and len(fv.correct) == 5
+    # a task run alone is ranked by its own effects, and gets the same effects as in company
+    alone = run_function_vectors(llama, {"shift": split}, k=3, n_clean=4, n_corrupted=3, n_heads_grid=[1], seed=0)
+    torch.testing.assert_close(alone["shift"].effects, fvs["shift"].effects, atol=1e-6, rtol=0)
+    assert alone["shift"].heads == alone["shift"].task_heads
+    with pytest.raises(ParameterError, match="at least one task"):
+        run_function_vectors(llama, {}, k=3, n_clean=4, n_corrupted=3, n_heads_grid=[1])
 
 
+def test_head_patch_effects_without_a_cache(llama, monkeypatch):
+    """Where no cache can be kept (a model traced remotely), whole left-padded rows give the same effects."""
+    import lmbook.experiments.taskvectors as tv
 
-
-
-
+    b = encode(llama, PROMPTS)
+    mean_z = head_contributions(llama, b)["z"][:, 1:].mean(1)
+    cached = head_patch_effects(llama, b, mean_z, TARGETS, max_rows=7)
+    real = tv.prefix_cache
+    monkeypatch.setattr(tv, "prefix_cache", lambda m, batch: (real(m, batch)[0], None))
+    torch.testing.assert_close(head_patch_effects(llama, b, mean_z, TARGETS, max_rows=7), cached, atol=1e-6, rtol=1e-5)

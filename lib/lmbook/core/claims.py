@@ -20,7 +20,9 @@ Outcomes come from small conditions that respect uncertainty:
   when it is a different one, ``"indistinguishable"`` / ``"no_data"`` when ours is.
 
 :class:`Estimate` holds a value with its interval (:meth:`Estimate.bootstrap` over samples,
-:meth:`Estimate.rate` for ``k`` of ``n``, :meth:`Estimate.share` of true flags, :meth:`Estimate.from_share` for a recorded share, :meth:`Estimate.exact` for a number without uncertainty).
+:meth:`Estimate.rate` for ``k`` of ``n``, :meth:`Estimate.share` of true flags, :meth:`Estimate.from_share` for a
+recorded share, :meth:`Estimate.exact` for a number without uncertainty; :func:`bootstrap_stat` for any statistic of
+resampled units).
 :func:`record_claim` renders every outcome's sentence (so a typo in any of them fails at once), records
 ``{outcome, sentence, sentences, values}`` under ``results["claims"][name]`` and glues the selected
 sentence under ``name``.
@@ -31,13 +33,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Mapping
+import warnings
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from lmbook.core.stats import bootstrap_ci, wilson_interval
 
-__all__ = ["ClaimError", "Estimate", "compare", "within", "order", "overlap", "against_paper", "spans",
+__all__ = ["ClaimError", "Estimate", "bootstrap_stat", "compare", "within", "order", "overlap", "against_paper",
+           "spans",
            "record_claim", "COMPARE", "WITHIN", "ORDER", "OVERLAP", "PAPER"]
 
 COMPARE = ("greater", "less", "indistinguishable", "no_data")
@@ -274,3 +278,24 @@ def record_claim(rec, name: str, outcome: str, sentences: Mapping[str, str], **v
     rec.record("claims", claims, glue=False)
     rec.record(name, rendered[outcome])
     return rendered[outcome]
+
+
+def bootstrap_stat(x, stat: Callable[[np.ndarray], float], n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> Estimate:
+    """``stat(x)`` with its percentile-bootstrap interval from resampling the rows of ``x`` (the units: facts,
+    prompts, runs); the interval is widened to contain the estimate. NaN (no data) with fewer than two rows,
+    where there is no spread to resample, or when ``stat(x)`` is NaN. NaN statistics of single resamples are
+    ignored. Chapters 2 and 3 use it for intervals over facts and over training runs."""
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return Estimate(math.nan, math.nan, math.nan)
+    with warnings.catch_warnings():  # nanmean / nanmax of a position no fact has
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = float(stat(x))
+        if math.isnan(value):
+            return Estimate(math.nan, math.nan, math.nan)
+        idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+        boots = np.array([float(stat(x[i])) for i in idx])
+    a = (1 - level) / 2
+    lo, hi = np.nanquantile(boots, [a, 1 - a])
+    return Estimate(value, min(float(lo), value), max(float(hi), value))

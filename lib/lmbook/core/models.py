@@ -766,7 +766,7 @@ def refuse_remote(model, what: str) -> None:
     here, and a model loaded with ``remote`` has only its config here."""
     remote = getattr(model, "lmbook_remote", False)
     if remote:
-        how = "remote=True runs on NDIF" if remote is True else "remote='local' simulates NDIF"
+        how = "remote=True (it runs on NDIF)" if remote is True else "remote='local' (nnsight's simulation of NDIF)"
         raise ParameterError(f"{what} needs the model's weights on this machine, but it was loaded with {how}; "
                              f"load it without remote (LMBOOK_REMOTE=0) to run this")
 
@@ -832,13 +832,13 @@ def trace(model, batch, last_only: bool = False, **kwargs):
     """``model.trace`` over a :class:`lmbook.core.tokens.Batch` (or a dict of input tensors): the one
     way the library opens a trace, on NDIF when the model was loaded remote (``model.lmbook_remote``).
 
-    ``last_only=True`` asks the model for logits only at the positions that are some row's last
-    token (``logits_to_keep``), which skips most of the unembedding: with Gemma's 262k-token
-    vocabulary that is more than half of a forward's work. Read them with
-    :func:`lmbook.mechanisms.readout.final_logits`.
+    ``last_only=True`` asks the model for no logits at all (an empty ``logits_to_keep``), which skips
+    the unembedding: with Gemma's 262k-token vocabulary that is more than half of a forward's work.
+    Readouts then unembed only what they read: :func:`lmbook.mechanisms.readout.final_logits` each
+    row's own last token, the logit lens the states it reads.
     """
     if last_only:
-        kwargs["logits_to_keep"] = torch.unique(batch.last)
+        kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long)
     return model.trace(_inputs(model, batch), remote=getattr(model, "lmbook_remote", False), **kwargs)
 
 

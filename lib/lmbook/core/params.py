@@ -47,7 +47,8 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     """An integer in ``[lo, hi]`` (either bound may be None)."""
     check_type(name, value, int)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ParameterError(f"{name}={value} is out of range; valid: {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
+        low, high = lo if lo is not None else "-inf", hi if hi is not None else "inf"
+        raise ParameterError(f"{name}={value} is out of range; valid: {low}..{high}")
     return value
 
 
@@ -70,7 +71,8 @@ def check_layer(name: str, layer: Any, n_layers: int) -> int:
     """A layer index in ``[-n_layers, n_layers)``; returned non-negative."""
     check_type(name, layer, int)
     if not -n_layers <= layer < n_layers:
-        raise ParameterError(f"{name}={layer} is out of range for a model with {n_layers} layers; valid: 0..{n_layers - 1} (or -{n_layers}..-1)")
+        raise ParameterError(f"{name}={layer} is out of range for a model with {n_layers} layers; "
+                             f"valid: 0..{n_layers - 1} (or -{n_layers}..-1)")
     return layer % n_layers
 
 
@@ -113,7 +115,8 @@ def check_pairs(name: str, value: Any, min_len: int = 1) -> list[tuple[str, str]
         raise ParameterError(f"{name} needs at least {min_len} [prompt, answer] pairs, got {len(value)}")
     out = []
     for i, pair in enumerate(value):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+        if not (ok and all(isinstance(x, str) and x.strip() for x in pair)):
             raise ParameterError(f"{name}[{i}] must be a [prompt, answer] pair of non-empty strings, got {pair!r}")
         out.append((pair[0], pair[1]))
     return out
@@ -150,7 +153,8 @@ def read_jsonl(path: Path, name: str = ""):
         except json.JSONDecodeError as e:
             raise ParameterError(f"{where}, line {lineno}: not valid JSON ({e.msg}): {line[:80]!r}") from None
         if not isinstance(rec, dict):
-            raise ParameterError(f"{where}, line {lineno}: expected a JSON object, got {type(rec).__name__}: {line[:80]!r}")
+            raise ParameterError(f"{where}, line {lineno}: expected a JSON object, "
+                                 f"got {type(rec).__name__}: {line[:80]!r}")
         yield lineno, rec
 
 

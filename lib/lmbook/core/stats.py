@@ -6,7 +6,9 @@ documents), never over tokens.
 * :func:`share`: the share of units for which something holds, with its Wilson interval: the one
   meaning of a "rate" in the book (chapters 5, 6 and 7);
 * :func:`ratio_bootstrap`: a ratio of sums (wedding words per word) with an interval from
-  resampling the units (prompts), not the words inside them (chapter 4).
+  resampling the units (prompts), not the words inside them (chapter 4);
+* :func:`paired_difference`: how much more often one condition holds than another on the same
+  units, with the exact sign-test interval (chapter 7).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "wilson_interval", "Share", "share", "ratio_bootstrap"]
+from lmbook.core.params import ParameterError
+
+__all__ = ["bootstrap_ci", "wilson_interval", "Share", "share", "ratio_bootstrap", "paired_difference"]
 
 
 def bootstrap_ci(samples, n_boot: int = 1000, seed: int = 0, axis: int = 0, level: float = 0.95):
@@ -88,3 +92,51 @@ def ratio_bootstrap(num, den, n_boot: int = 1000, seed: int = 0, level: float = 
     boot = num[..., idx].sum(-1) / np.maximum(den[..., idx].sum(-1), 1)  # [..., n_boot]
     a = (1 - level) / 2
     return ratio, np.quantile(boot, a, axis=-1), np.quantile(boot, 1 - a, axis=-1)
+
+
+def _exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of ``k`` successes in ``n`` (``n >= 1``), by bisection on the
+    binomial tails (the exact sign test's interval: no approximation at small ``n``)."""
+    a = (1 - level) / 2
+
+    def tail(p: float, lo: int, hi: int) -> float:  # P(lo <= X <= hi), X ~ Binomial(n, p)
+        return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(lo, hi + 1))
+
+    def solve(f) -> float:  # f increases in p from below 0 to above 0
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    low = 0.0 if k == 0 else solve(lambda p: tail(p, k, n) - a)
+    high = 1.0 if k == n else solve(lambda p: a - tail(p, 0, k))
+    return min(low, k / n), max(high, k / n)
+
+
+def paired_difference(kept, control, level: float = 0.95) -> tuple[float, float, float]:
+    """How much more often a condition keeps the answer than a control on the *same* prompts:
+    ``(mean of kept - control, low, high)`` for ``kept``/``control`` ``[n]`` bool (chapter 7: an
+    edit against a control on the same prompts).
+
+    Only the prompts where the two disagree carry information: with ``w`` where only ``kept``
+    holds and ``l`` where only ``control`` does (``m = w + l``), the difference is
+    ``(w - l) / n = (m / n) * (2 w / m - 1)``, and its interval maps the exact (Clopper-Pearson)
+    interval of ``w / m`` the same way: it excludes 0 exactly when the two-sided sign test
+    rejects "either is as likely to win" at ``1 - level``. No disagreement gives ``(0, 0, 0)``;
+    no prompt gives NaNs. (A percentile bootstrap would give ``[1, 1]`` for two prompts that both
+    favour ``kept``.)"""
+    a = np.asarray(kept, dtype=bool).ravel()
+    b = np.asarray(control, dtype=bool).ravel()
+    if a.shape != b.shape:
+        raise ParameterError(f"kept and control must flag the same prompts, got {a.size} and {b.size}")
+    n = a.size
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    w, l = int((a & ~b).sum()), int((~a & b).sum())
+    m = w + l
+    value = (w - l) / n
+    if m == 0:
+        return 0.0, 0.0, 0.0
+    lo, hi = _exact_interval(w, m, level)
+    return value, min(value, m / n * (2 * lo - 1)), max(value, m / n * (2 * hi - 1))

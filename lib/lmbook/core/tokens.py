@@ -14,9 +14,8 @@ import torch
 
 from lmbook.core.params import ParameterError
 
-__all__ = ["Batch", "text_ids", "encode", "pad_ids", "pad_token_id", "adds_bos", "start_token_id", "token_span",
-           "first_token_ids",
-           "decode_tokens"]
+__all__ = ["Batch", "text_ids", "encode", "pad_ids", "left_padded", "pad_token_id", "adds_bos", "start_token_id",
+           "token_span", "first_token_ids", "answer_token_ids", "decode_tokens"]
 
 
 @dataclasses.dataclass
@@ -104,8 +103,8 @@ def text_ids(model_or_tokenizer, text: str, start: bool = False) -> list[int]:
     ``start=True`` also :func:`start_token_id` first where the tokenizer adds no BOS, so that every
     text begins with a start token whatever the model."""
     tok = _tokenizer(model_or_tokenizer)
-    ids = list(tok(text)["input_ids"])
     sid = start_token_id(tok) if start else None
+    ids = list(tok(text, add_special_tokens=sid is None)["input_ids"])
     return ids if sid is None else [sid] + ids
 
 
@@ -122,7 +121,8 @@ def encode(model_or_tokenizer, prompts: str | Sequence[str], start: bool = False
         raise ParameterError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
     prompts = list(prompts)
     sid = start_token_id(tok) if start else None
-    enc = [tok(p, return_offsets_mapping=getattr(tok, "is_fast", False)) for p in prompts]
+    enc = [tok(p, return_offsets_mapping=getattr(tok, "is_fast", False), add_special_tokens=sid is None)
+           for p in prompts]
     head = [] if sid is None else [sid]
     batch = pad_ids(tok, prompts, [head + list(e["input_ids"]) for e in enc])
     if "offset_mapping" in enc[0]:
@@ -146,6 +146,13 @@ def pad_ids(model_or_tokenizer, texts: Sequence[str], ids: Sequence[Sequence[int
         mask[i, sl] = 1
     last = mask.sum(1) - 1 if side == "right" else torch.full((len(ids),), width - 1)
     return Batch(list(texts), input_ids, mask, last, None)
+
+
+def left_padded(model_or_tokenizer, batch: Batch) -> Batch:
+    """The rows of a right-padded ``batch`` re-padded on the left, so every row's last token is the
+    last column (generation appends there; a cached prefix ends there)."""
+    ids = [batch.input_ids[i, : int(batch.last[i]) + 1].tolist() for i in range(len(batch))]
+    return pad_ids(model_or_tokenizer, batch.prompts, ids, side="left")
 
 
 def token_span(batch: Batch, row: int, substring: str, occurrence: str = "last") -> tuple[int, int]:
@@ -184,6 +191,12 @@ def first_token_ids(model_or_tokenizer, words: Sequence[str]) -> torch.Tensor:
             raise ParameterError(f"the word {w!r} encodes to no tokens")
         out.append(ids[0])
     return torch.tensor(out, dtype=torch.long)
+
+
+def answer_token_ids(model_or_tokenizer, answers: Sequence[str]) -> torch.Tensor:
+    """The target token of each answer as it follows a prompt: the first token of ``" " + answer``,
+    ``[N]``. Every chapter scores answers this way (facts' attributes, tasks' outputs)."""
+    return first_token_ids(model_or_tokenizer, [" " + a for a in answers])
 
 
 def decode_tokens(model_or_tokenizer, ids) -> list[str]:

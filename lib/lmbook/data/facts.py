@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lmbook.core import tokens
 from lmbook.core.params import ParameterError, check_file, read_jsonl
-from lmbook.core.tokens import first_token_ids
 
 __all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "STOPWORDS", "related_token_sets",
            "word_pieces"]
@@ -97,9 +97,9 @@ def load_descriptions(path: str | Path = "data/facts/subjects.jsonl",
 
 
 def answer_token_ids(model, facts: Sequence[Fact]) -> torch.Tensor:
-    """First token id of ``" " + attribute`` for each fact, ``[N]`` (``model``: a model or its
-    tokenizer). Chapter 2's target token for every experiment."""
-    return first_token_ids(model, [" " + f.attribute for f in facts])
+    """Each fact's target token, ``[N]``: :func:`lmbook.core.tokens.answer_token_ids` of its attribute
+    (``model``: a model or its tokenizer). Chapter 2's target token for every experiment."""
+    return tokens.answer_token_ids(model, [f.attribute for f in facts])
 
 
 # A short stop-word list written for this book (function words, auxiliaries, pronouns), used to

@@ -31,7 +31,8 @@ def load_instructions(path: str | Path, name: str = "HARMFUL") -> list[dict]:
                 raise ParameterError(f"{where}: field {key!r} must be a non-empty string, got {row.get(key)!r}")
         extra = set(row) - set(INSTRUCTION_FIELDS)
         if extra:
-            raise ParameterError(f"{where}: unknown field(s) {sorted(extra)}; allowed fields: {list(INSTRUCTION_FIELDS)}")
+            raise ParameterError(f"{where}: unknown field(s) {sorted(extra)}; "
+                                 f"allowed fields: {list(INSTRUCTION_FIELDS)}")
         if row["split"] not in SPLITS:
             raise ParameterError(f"{where}: split {row['split']!r} is not one of {list(SPLITS)}")
         if row["id"] in seen:

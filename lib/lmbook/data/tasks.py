@@ -49,7 +49,6 @@ __all__ = [
     "few_shot_prompts",
     "task_vector_prompts",
     "shuffled_few_shot_prompts",
-    "answer_token_ids",
     "first_token_correct",
     "greedy_match",
     "accuracy",
@@ -150,21 +149,32 @@ def load_tasks(path, min_pairs: int = 1, name: str = "TASKS_PATH") -> dict[str, 
     return {task: Task(task, tuple(pairs), sources[task]) for task, pairs in tasks.items()}
 
 
-def split_task(task: Task, n_val: int, n_test: int, min_demos: int, seed: int = 0) -> TaskSplit:
+def split_task(task: Task, n_val: int, n_test: int, min_demos: int, seed: int = 0, shrink: bool = False) -> TaskSplit:
     """Shuffle ``task`` (seeded) and cut it into ``test`` (``n_test`` pairs), ``val`` (``n_val``)
-    and the remaining ``demos``, which must number at least ``min_demos``."""
+    and the remaining ``demos``, which must number at least ``min_demos``.
+
+    A task too small for these sizes raises, unless ``shrink=True``: then the pool keeps exactly
+    ``min_demos`` pairs and the rest is split between validation and test in the proportion
+    ``n_val : n_test`` (at least one of each), so the three parts stay disjoint. Chapter 6 shrinks
+    its letter tasks this way (26 letters cannot hold 15 validation and 25 test queries)."""
     check_int("n_val", n_val, 1)
     check_int("n_test", n_test, 1)
     check_int("min_demos", min_demos, 1)
     need = n_val + n_test + min_demos
     if len(task) < need:
-        raise ParameterError(
-            f"task {task.name!r} has {len(task)} pairs; N_TEST={n_test} + N_VAL={n_val} + at least "
-            f"{min_demos} demonstrations need {need}: lower N_TEST or N_VAL, or add pairs"
-        )
+        if not shrink or len(task) < min_demos + 2:
+            least = "" if not shrink else f" (shrunk: {min_demos + 2}, one validation and one test query)"
+            raise ParameterError(
+                f"task {task.name!r} has {len(task)} pairs; N_TEST={n_test} + N_VAL={n_val} + at least "
+                f"{min_demos} demonstrations need {need}{least}: lower N_TEST or N_VAL, or add pairs"
+            )
+        rest = len(task) - min_demos
+        n_val = max(1, min(rest - 1, round(rest * n_val / (n_val + n_test))))
+        n_test = rest - n_val
     pairs = list(task.pairs)
     random.Random(f"{seed}:{task.name}").shuffle(pairs)
-    return TaskSplit(task.name, tuple(pairs[n_test + n_val:]), tuple(pairs[n_test:n_test + n_val]), tuple(pairs[:n_test]))
+    return TaskSplit(task.name, tuple(pairs[n_test + n_val:]), tuple(pairs[n_test:n_test + n_val]),
+                     tuple(pairs[:n_test]))
 
 
 def prompt_prefix(model_or_tokenizer) -> str:
@@ -173,7 +183,8 @@ def prompt_prefix(model_or_tokenizer) -> str:
 
     The first position of a causal model is special (every head can attend to it; its residual
     stream grows huge, the "attention sink"), and a zero-shot prompt ``"fast →"`` is only two or
-    three tokens. Chapter 6 shows what happens without the prefix.
+    three tokens. Chapter 6's ``PREFIX`` parameter overrides the choice (``PREFIX=""`` runs
+    without it).
     """
     from lmbook.core.tokens import adds_bos
 
@@ -220,7 +231,8 @@ def task_vector_prompts(pool, queries: Sequence[str], k: int, n_dummy: int, seed
         used = {x for x, _ in demos} | {q}
         rest = [x for x, _ in pool if x not in used]
         if len(rest) < n_dummy:
-            raise ParameterError(f"need {n_dummy} dummy queries besides {k} demonstrations, but the pool has {len(pool)} pairs")
+            raise ParameterError(f"need {n_dummy} dummy queries besides {k} demonstrations, "
+                                 f"but the pool has {len(pool)} pairs")
         icl.append(few_shot_prompt(demos, q, prefix))
         dummy += [few_shot_prompt(demos, d, prefix) for d in rng.sample(rest, n_dummy)]
     return icl, dummy
@@ -242,13 +254,6 @@ def shuffled_few_shot_prompts(pool, queries: Sequence[str], k: int, seed: int = 
                 break
         out.append(few_shot_prompt([(x, y) for (x, _), y in zip(demos, perm)], q, prefix))
     return out
-
-
-def answer_token_ids(model_or_tokenizer, outputs: Sequence[str]) -> torch.Tensor:
-    """First token id of ``" " + output`` for each output, ``[N]`` (what follows the arrow)."""
-    from lmbook.core.tokens import first_token_ids
-
-    return first_token_ids(model_or_tokenizer, [" " + y for y in outputs])
 
 
 def first_token_correct(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

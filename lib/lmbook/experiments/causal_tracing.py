@@ -15,11 +15,13 @@ positions :data:`lmbook.mechanisms.knockout.POSITIONS`) and returns a :class:`Ca
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from lmbook.core.claims import Estimate, bootstrap_stat
 from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_float, check_int
 from lmbook.core.tokens import Batch, encode, token_span
@@ -78,7 +80,7 @@ def causal_trace(model, prompt: Batch, span: tuple[int, int], target: int, noise
         positions = list(range(s, n))
     if not positions or any(not 0 <= p < n for p in positions):
         raise ParameterError(f"positions must lie in 0..{n - 1}, got {positions}")
-    wins = layer_windows(n_layers, window)
+    wins = layer_windows(n_layers, window, "window")
 
     # Clean run: every state that may be restored.
     with torch.no_grad(), trace(model, prompt, last_only=True):
@@ -130,6 +132,12 @@ def causal_trace(model, prompt: Batch, span: tuple[int, int], target: int, noise
     return TraceResult(list(positions), effects, float(p_clean), float(base.mean()))
 
 
+def _peak_of_mean(e: np.ndarray) -> float:
+    """Layer of the largest mean over facts of ``e`` ``[F, L]`` (NaNs skipped); NaN when all are NaN."""
+    mean = np.nanmean(e, 0)
+    return math.nan if np.isnan(mean).all() else float(np.nanargmax(mean))
+
+
 @dataclasses.dataclass
 class CausalTracingRun:
     """Causal tracing of ``F`` facts (:func:`run_causal_tracing`).
@@ -148,6 +156,18 @@ class CausalTracingRun:
     def average_effect(self, kind: str) -> np.ndarray:
         """Average indirect effect over facts, ``[L, 4]``."""
         return np.nanmean(self.effects[kind], axis=0)
+
+    def peak_layer(self, kind: str, position: str, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """The layer where the average indirect effect of restoring ``kind`` at ``position`` (one of
+        :data:`~lmbook.mechanisms.knockout.POSITIONS`) peaks, with a 95% bootstrap interval over facts; NaN
+        with fewer than two facts or when no fact has that position."""
+        c = POSITIONS.index(position)
+        return bootstrap_stat(self.effects[kind][:, :, c], _peak_of_mean, n_boot, seed)
+
+    def corruption_drop(self, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """Mean of ``p_clean - p_corrupt`` over facts (how much corrupting the subject lowers the answer's
+        probability), with a 95% bootstrap interval over facts; NaN with fewer than two facts."""
+        return bootstrap_stat(self.p_clean - self.p_corrupt, np.mean, n_boot, seed)
 
     def summary(self) -> dict:
         """Mean clean and corrupted probabilities, and for each kind the peak of the average
@@ -195,7 +215,7 @@ def run_causal_tracing(model, facts: Sequence[Fact], noise_factor: float = 3.0, 
                          window=window, positions=[p for _, p in cats], seed=seed + i)
         for kind in KINDS:
             for j, (c, _) in enumerate(cats):
-                eff[kind][i, :, c] = r.effects[kind][:, j].numpy()
+                eff[kind][i, :, c] = r.effects[kind][:, j].detach().numpy()
         pc.append(r.p_clean)
         pk.append(r.p_corrupt)
     return CausalTracingRun(eff, np.array(pc), np.array(pk), noise)

@@ -15,7 +15,10 @@ scoring texts token by token in :mod:`lmbook.mechanisms.likelihood` (:func:`enco
   ``records()`` dict of what the chapter records: :func:`score_models` and :func:`tokenizer_gap`
   (section 1), :func:`loss_concentration` (section 2), :func:`adaptation_baseline`,
   :func:`adaptation_sweep` and :func:`change_drivers` (section 3), :func:`recall_changes`
-  (section 4).
+  (section 4);
+* for the chapter's claims (:mod:`lmbook.core.claims`): :func:`run_directions` (whether each run's
+  same-domain loss rose or fell beyond its interval) and :meth:`RecallChanges.correlation` (the rank
+  correlation of perplexity and recall changes with a bootstrap interval over runs).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lmbook.core.claims import Estimate, compare
 from lmbook.core.params import check_int
 from lmbook.core.stats import bootstrap_ci
 from lmbook.core.tokens import Batch, encode
@@ -49,7 +53,7 @@ __all__ = ["LN2", "summarize", "CLASSES", "WHITESPACE", "token_class", "token_te
            "top_token_shares", "ppl_excluding", "readable_tokens", "evenly_spaced", "AdaptResult", "adapt",
            "ModelScores", "score_models", "TokenizerGap", "tokenizer_gap", "LossConcentration", "loss_concentration",
            "Baseline", "adaptation_baseline", "AdaptationRun", "Sweep", "adaptation_sweep", "ChangeDrivers",
-           "change_drivers", "RecallChanges", "recall_changes"]
+           "change_drivers", "RecallChanges", "recall_changes", "run_directions"]
 
 LN2 = math.log(2.0)
 WHITESPACE = ["newline", "space"]
@@ -614,6 +618,23 @@ class RecallChanges:
                 "recall_change_at_lr_max_mean": float(r[r.lr == max(self.lrs)]["change"].mean()),
                 "recall_bpb_spearman": float(rho)}  # nan where recall did not move (no ranking to correlate)
 
+    def correlation(self, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """The rank (Spearman) correlation between each run's mean change in bits per byte and its change in
+        recall, with a 95% bootstrap interval over runs (resamples without a ranking to correlate are
+        skipped); NaN with fewer than three runs or when either measure did not move."""
+        from lmbook.core.claims import bootstrap_stat
+
+        x = self.table[["mean change bpb, all domains", "change"]].to_numpy(dtype=float)
+        if len(x) < 3:
+            return Estimate(math.nan, math.nan, math.nan)
+        return bootstrap_stat(x, _spearman, n_boot, seed)
+
+
+def _spearman(x: np.ndarray) -> float:
+    """Rank correlation of the two columns of ``x`` (Pearson on average ranks); NaN when one is constant."""
+    a, b = pd.Series(x[:, 0]).rank(), pd.Series(x[:, 1]).rank()
+    return float(a.corr(b)) if a.nunique() > 1 and b.nunique() > 1 else math.nan
+
 
 def recall_changes(base: Baseline, sweep: Sweep, corpora, seed: int = 0) -> RecallChanges:
     """How recall of the facts changed in each run of ``sweep``, next to its change in bits per byte."""
@@ -636,3 +657,22 @@ def recall_changes(base: Baseline, sweep: Sweep, corpora, seed: int = 0) -> Reca
                                       if mask.any() else float("nan"))
         rows.append(row)
     return RecallChanges(pd.DataFrame(rows), float(known_base.float().mean()), len(base.facts), seen, sweep.lrs)
+
+
+def run_directions(sweep: Sweep, drivers: ChangeDrivers) -> pd.DataFrame:
+    """One row per run of ``sweep``: ``domain``, ``lr``, the same-domain change in bits per byte after one pass
+    (``after 1 pass``) and after all (``change``), the mean change of the *other* test domains (``other
+    domains``, NaN with a single domain), and ``direction``: ``"rise"`` / ``"fall"`` when the 95% interval over
+    test tokens of the run's change of the mean loss (:class:`ChangeDrivers`) lies wholly above / below zero,
+    else ``"unclear"``."""
+    end, first = sweep.same_domain(), sweep.same_domain(1.0)
+    e = sweep.end
+    rows = []
+    for _, c in drivers.contributions.iterrows():
+        d, lr = c["domain"], c["lr"]
+        other = e[(e["train domain"] == d) & (e.lr == lr) & (e["test domain"] != d)]["delta bpb"]
+        o = compare(Estimate(c["total"], min(c["low"], c["total"]), max(c["high"], c["total"])), 0)
+        rows.append({"domain": d, "lr": lr, "after 1 pass": float(first[d, lr]), "change": float(end[d, lr]),
+                     "other domains": float(other.mean()) if len(other) else math.nan,
+                     "direction": {"greater": "rise", "less": "fall"}.get(o, "unclear")})
+    return pd.DataFrame(rows, columns=["domain", "lr", "after 1 pass", "change", "other domains", "direction"])

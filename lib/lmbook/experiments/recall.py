@@ -19,7 +19,11 @@ The chapter runs each protocol with one call per model, each returning a small d
   attention or MLP sublayer adds to the residual stream, projected by the unembedding, has the
   predicted attribute as its top token (clean, and with the last position's attention to the
   subject blocked);
-* :func:`comparison_column`: one model's column of the chapter's table beside the paper's findings.
+* :func:`comparison_column`: one model's column of the chapter's table beside the paper's findings;
+* :func:`paper_comparison`: for each of those findings, this run's outcome against the paper's (a claim's
+  outcome, :mod:`lmbook.core.claims`) with the estimates it rests on, each with a 95% bootstrap interval over
+  facts (:func:`lmbook.core.claims.bootstrap_stat`; the dataclasses' ``dip_layers``, ``peak_gap``,
+  ``early_drops``, ``hits`` and ``difference`` helpers).
 
 Causal tracing (ROME), which the chapter sets beside these, is :mod:`lmbook.experiments.causal_tracing`.
 """
@@ -27,26 +31,36 @@ Causal tracing (ROME), which the chapter sets beside these, is :mod:`lmbook.expe
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from lmbook.core.claims import Estimate, against_paper, bootstrap_stat, compare, within
 from lmbook.core.models import model_device, trace
 from lmbook.core.params import ParameterError, check_int, check_layer
 from lmbook.core.stats import bootstrap_ci
 from lmbook.core.tokens import Batch, encode, token_span
 from lmbook.data.facts import STOPWORDS, Fact, answer_token_ids, related_token_sets, word_pieces
-from lmbook.mechanisms.knockout import (KINDS, POSITIONS, FactGroup, group_facts, key_masks, last_token_run,
-                                        position_index, sweep_facts)
+from lmbook.mechanisms.knockout import (
+    KINDS,
+    POSITIONS,
+    FactGroup,
+    group_facts,
+    key_masks,
+    last_token_run,
+    position_index,
+    sweep_facts,
+)
 from lmbook.mechanisms.readout import logit_lens, top1_matches
 from lmbook.mechanisms.sublayers import sublayer_updates
 
 __all__ = ["known_mask", "sample_known", "known_by_relation", "KnockoutRun", "run_knockout", "EnrichmentRun",
            "run_enrichment", "SublayerRun", "run_sublayer_knockout", "sublayer_knockout_topk", "ExtractionRun",
            "run_extraction", "extraction_events", "extraction_facts", "attributes_rate", "TokenText",
-           "PAPER_FINDINGS", "comparison_column"]
+           "PAPER_FINDINGS", "comparison_column", "PAPER_ROWS", "paper_comparison"]
 
 
 # ---------------------------------------------------------------- which facts a model knows
@@ -122,6 +136,21 @@ class KnockoutRun:
         layer = int(mean.argmin())
         return float(mean.min()), layer, layer / (self.n_layers - 1)
 
+    def dip_layers(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:
+        """The layer of each kind's largest mean drop (:meth:`largest_drop`) with a 95% bootstrap interval
+        over facts, and ``"subject - non-subject"``: the subject dip's layer minus the non-subject dip's,
+        both from the same resampled facts (positive: the last position needs the subject later than the
+        other tokens, as Geva et al. find). NaN with fewer than two facts."""
+        out = {kind: bootstrap_stat(self.changes[kind], lambda c: c.mean(0).argmin(), n_boot, seed) for kind in KINDS}
+        both = np.stack([self.changes["subject"], self.changes["non-subject"]], 1)  # [F, 2, L]
+        out["subject - non-subject"] = bootstrap_stat(
+            both, lambda c: c[:, 0].mean(0).argmin() - c[:, 1].mean(0).argmin(), n_boot, seed)
+        return out
+
+    def drop_at(self, kind: str, layer: int, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """Mean change (%) for the window centred on ``layer``, with a 95% bootstrap interval over facts."""
+        return bootstrap_stat(self.changes[kind][:, layer], np.mean, n_boot, seed)
+
 
 def run_knockout(model, facts: Sequence[Fact], window: int = 9, progress: bool = True) -> KnockoutRun:
     """Geva et al.'s attention knockout: every kind (:data:`~lmbook.mechanisms.knockout.KINDS`) in a
@@ -196,6 +225,13 @@ class EnrichmentRun:
         """``(rate %, layer)`` of the highest mean rate at ``position``."""
         mean = self.curve(position)
         return float(np.nanmax(mean)), int(np.nanargmax(mean))
+
+    def peak_gap(self, position: str, other: str, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """Peak mean rate at ``position`` minus peak mean rate at ``other`` (percentage points, each peak
+        at its own layer), with a 95% bootstrap interval over facts; NaN when a position has no data."""
+        a, b = POSITIONS.index(position), POSITIONS.index(other)
+        return bootstrap_stat(self.rates, lambda r: (np.nanmax(np.nanmean(r[:, :, a], 0))
+                                                     - np.nanmax(np.nanmean(r[:, :, b], 0))) * 100, n_boot, seed)
 
 
 def run_enrichment(model, facts: Sequence[Fact], descriptions: dict[str, str], top_k: int = 50,
@@ -285,6 +321,16 @@ class SublayerRun:
         half = max(1, len(self.starts) // 2)
         return float(self.clean.mean()), float(self.mlp[:, :half].mean()), float(self.attention[:, :half].mean())
 
+    def early_drops(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:
+        """How far cancelling early updates lowers the rate (percentage points, the windows of
+        :meth:`early_effect`), with 95% bootstrap intervals over facts: ``"mlp"``, ``"attention"`` and
+        ``"mlp - attention"`` (positive: the MLP updates matter more, as Geva et al. find)."""
+        half = max(1, len(self.starts) // 2)
+        drops = np.stack([self.clean - self.mlp[:, :half].mean(1), self.clean - self.attention[:, :half].mean(1)], 1)
+        return {"mlp": bootstrap_stat(drops[:, 0], np.mean, n_boot, seed),
+                "attention": bootstrap_stat(drops[:, 1], np.mean, n_boot, seed),
+                "mlp - attention": bootstrap_stat(drops[:, 0] - drops[:, 1], np.mean, n_boot, seed)}
+
 
 def run_sublayer_knockout(model, facts: Sequence[Fact], descriptions: dict[str, str], depth: float = 0.83,
                           window: int = 5, top_k: int = 50, batch_size: int = 8) -> SublayerRun:
@@ -364,6 +410,16 @@ class ExtractionRun:
             out[key] = (float(mean) * 100, float(lo) * 100, float(hi) * 100)
         return out
 
+    def hits(self, key: str) -> np.ndarray:
+        """``[F]`` booleans: whether a fact has an extraction event of ``key`` (``EXTRACTION_KEYS``) at any layer."""
+        v, s = EXTRACTION_KEYS[key]
+        return self.events[:, v, :, s].any(1)
+
+    def difference(self, key: str, other: str, n_boot: int = 1000, seed: int = 0) -> Estimate:
+        """Share of facts with an event of ``key`` minus the share with one of ``other`` (the same facts),
+        with a 95% bootstrap interval over facts; NaN with fewer than two facts."""
+        return bootstrap_stat(self.hits(key).astype(float) - self.hits(other), np.mean, n_boot, seed)
+
 
 def run_extraction(model, facts: Sequence[Fact], progress: bool = True) -> ExtractionRun:
     """Geva et al.'s attribute extraction for ``facts``, targets their attributes' first tokens."""
@@ -404,3 +460,98 @@ def comparison_column(knockout: KnockoutRun, enrichment: EnrichmentRun, sublayer
         f"MLP @ subject last peaks at layer {t['mlp_subject_last_peak_layer']} ({t['mlp_subject_last_peak']:.2f}); "
         f"attention peaks @ {t['attention_peak_position']} layer {t['attention_peak_layer']}" if t else "not run",
     ]
+
+
+PAPER_ROWS = ("knockout", "enrichment", "sublayer", "extraction", "blocked", "tracing")
+"""Keys of the rows of :data:`PAPER_FINDINGS`, in order (the outcomes of :func:`paper_comparison`)."""
+
+EARLY_MIDDLE = (0.0, 0.5)
+"""ROME's MLP band at the last subject token lies in the first half of GPT-2 XL's layers; its late attention
+effects at the last token in the second half (relative depths)."""
+
+
+def _depth(layer: Estimate, n_layers: int) -> Estimate:
+    scale = max(1, n_layers - 1)
+    return Estimate(layer.value / scale, layer.low / scale, layer.high / scale)
+
+
+def _both(outcomes: Sequence[str]) -> str:
+    """Two :func:`~lmbook.core.claims.against_paper` outcomes as one: as the paper only when both are."""
+    if "unlike_paper" in outcomes:
+        return "unlike_paper"
+    if "no_data" in outcomes:
+        return "no_data"
+    return "as_paper" if all(o == "as_paper" for o in outcomes) else "indistinguishable"
+
+
+def paper_comparison(knockout: KnockoutRun, enrichment: EnrichmentRun, sublayer: SublayerRun,
+                     extraction: ExtractionRun, tracing=None, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, tuple[str, dict]]:
+    """For each row of :data:`PAPER_FINDINGS` (keys :data:`PAPER_ROWS`), ``(outcome, values)``: this run's
+    outcome against the paper's finding (``"as_paper"``, ``"unlike_paper"``, ``"indistinguishable"``,
+    ``"no_data"``; :func:`lmbook.core.claims.against_paper`) and the estimates it is computed from, each with a
+    95% bootstrap interval over facts (facts resampled with ``seed``). ``tracing``: a
+    :class:`lmbook.experiments.causal_tracing.CausalTracingRun`, or ``None`` when not run.
+
+    * ``knockout``: the subject dip's layer minus the non-subject dip's is above zero (subject information
+      is read later), when both dips lower the probability; ``"no_dip"`` when one of them does not;
+    * ``enrichment``: the subject's last token peaks above the last token and the token after the subject;
+    * ``sublayer``: cancelling early MLP updates lowers the rate more than cancelling early attention;
+      ``"no_drop"`` when neither lowers it;
+    * ``extraction``: more facts have an attention extraction event than an MLP one;
+    * ``blocked``: blocking the subject lowers the share of facts with an attention event;
+    * ``tracing``: the MLP effect at the subject's last token peaks in the first half of the layers and
+      the attention effect at the last token in the second half (:data:`EARLY_MIDDLE`).
+    """
+    L, F = knockout.n_layers, len(knockout.clean)
+    out = {}
+    dips = knockout.dip_layers(n_boot, seed)
+    sub, non = dips["subject"], dips["non-subject"]
+    v = dict(n_layers=L, n_facts=F, subject=sub, nonsubject=non, gap=dips["subject - non-subject"],
+             subject_depth=_depth(sub, L), nonsubject_depth=_depth(non, L),
+             subject_drop=knockout.drop_at("subject", knockout.largest_drop("subject")[1], n_boot, seed),
+             nonsubject_drop=knockout.drop_at("non-subject", knockout.largest_drop("non-subject")[1], n_boot, seed))
+    o = against_paper(compare(v["gap"], 0), "greater")
+    if o != "no_data" and any(compare(v[k], 0) != "less" for k in ("subject_drop", "nonsubject_drop")):
+        o = "no_dip"  # a layer of "the largest drop" means nothing for a curve that does not drop
+    out["knockout"] = (o, v)
+
+    gaps = [enrichment.peak_gap("subject last", p, n_boot, seed) for p in ("last", "after subject")]
+    rel = [compare(g, 0) for g in gaps if not g.missing]
+    ours = ("no_data" if not rel else "less" if "less" in rel
+            else "greater" if all(r == "greater" for r in rel) else "indistinguishable")
+    peaks = {p: enrichment.peak(p)[0] if not np.isnan(enrichment.rates[:, :, POSITIONS.index(p)]).all() else math.nan
+             for p in ("subject last", "last", "after subject")}
+    out["enrichment"] = (against_paper(ours, "greater"), dict(
+        n_facts=len(enrichment.rates), subject_last=peaks["subject last"], last=peaks["last"],
+        after=peaks["after subject"], gap_last=gaps[0], gap_after=gaps[1], layer=enrichment.peak("subject last")[1]))
+
+    drops = sublayer.early_drops(n_boot, seed)
+    o = against_paper(compare(drops["mlp - attention"], 0), "greater")
+    if o != "no_data" and all(compare(drops[k], 0) != "greater" for k in ("mlp", "attention")):
+        o = "no_drop"  # neither cancellation lowers the rate: no enrichment to place
+    out["sublayer"] = (o, dict(
+        n_facts=len(sublayer.clean), read_layer=sublayer.read_layer, clean=float(sublayer.clean.mean()),
+        mlp=drops["mlp"], attention=drops["attention"], gap=drops["mlp - attention"]))
+
+    shares = {k: Estimate.share(extraction.hits(k)) for k in ("attention", "mlp", "attention_blocked")}
+    n_ext = len(extraction.events)
+    out["extraction"] = (against_paper(compare(extraction.difference("attention", "mlp", n_boot, seed), 0), "greater"),
+                         dict(n_facts=n_ext, attention=shares["attention"], mlp=shares["mlp"],
+                              gap=extraction.difference("attention", "mlp", n_boot, seed)))
+    blocked = extraction.difference("attention_blocked", "attention", n_boot, seed)
+    out["blocked"] = (against_paper(compare(blocked, 0), "less"), dict(
+        n_facts=n_ext, attention=shares["attention"], blocked=shares["attention_blocked"], gap=blocked))
+
+    if tracing is None:
+        none = Estimate(math.nan, math.nan, math.nan)
+        out["tracing"] = ("no_data", dict(n_facts=0, n_layers=L, mlp_layer=none, mlp_depth=none, attention_layer=none,
+                                          attention_depth=none))
+    else:
+        mlp, att = tracing.peak_layer("mlp", "subject last", n_boot, seed), tracing.peak_layer("attention", "last",
+                                                                                                n_boot, seed)
+        v = dict(n_facts=len(tracing.p_clean), n_layers=L, mlp_layer=mlp, mlp_depth=_depth(mlp, L),
+                 attention_layer=att, attention_depth=_depth(att, L))
+        out["tracing"] = (_both([against_paper(within(v["mlp_depth"], *EARLY_MIDDLE), "inside"),
+                                 against_paper(within(v["attention_depth"], EARLY_MIDDLE[1], 1.0), "inside")]), v)
+    return out

@@ -34,6 +34,7 @@ import torch
 
 from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_choice, check_float, check_int
+from lmbook.core.stats import Share, share
 from lmbook.core.tokens import Batch, pad_ids
 from lmbook.data.instructions import SPLITS, load_instructions  # the reader of chapter 5's data files
 from lmbook.mechanisms.generation import generate_ids
@@ -49,6 +50,7 @@ __all__ = [
     "PLAIN_TEMPLATE",
     "is_refusal",
     "refusal_rate",
+    "refusal_share",
     "format_instructions",
     "post_instruction_positions",
     "encode_prompts",
@@ -60,6 +62,7 @@ __all__ = [
     "select_direction",
     "generate",
     "text_nll",
+    "text_perplexity",
 ]
 
 # Arditi et al. (2024), after Zou et al. (2023): a completion refuses if it contains any of these.
@@ -99,6 +102,12 @@ def refusal_rate(texts: Sequence[str], substrings: Sequence[str] = REFUSAL_SUBST
 # ----------------------------------------------------------------------------- prompts
 
 
+def refusal_share(texts: Sequence[str], substrings: Sequence[str] = REFUSAL_SUBSTRINGS) -> Share:
+    """The share of ``texts`` that refuse (:func:`is_refusal`), with its Wilson interval
+    (:func:`lmbook.core.stats.share`)."""
+    return share(refusal_rate(texts, substrings)[1])
+
+
 def format_instructions(tokenizer, instructions: Sequence[str], fmt: str = "chat") -> list[str]:
     """Each instruction as a user turn followed by the start of the assistant's reply.
 
@@ -106,7 +115,7 @@ def format_instructions(tokenizer, instructions: Sequence[str], fmt: str = "chat
     raises :class:`ParameterError` naming the ``"plain"`` format); ``fmt="plain"`` uses
     :data:`PLAIN_TEMPLATE`.
     """
-    check_choice("PROMPT_FORMAT", fmt, PROMPT_FORMATS)
+    check_choice("fmt", fmt, PROMPT_FORMATS)
     if fmt == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ParameterError(
@@ -346,3 +355,8 @@ def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> 
     return torch.cat(sums), batch.attention_mask[:, 1:].sum(-1)
 
 
+def text_perplexity(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> float:
+    """Perplexity per token of all texts of ``batch`` together under the intervention:
+    ``exp(sum of NLL / number of tokens scored)`` from :func:`text_nll`."""
+    s, c = text_nll(model, batch, ablate=ablate, add=add, max_rows=max_rows)
+    return float((s.sum() / c.sum()).exp())

@@ -21,6 +21,24 @@ In generation the vector is added in the forward pass over the prompt only: with
 cache the prompt's keys and values, which carry the addition, are reused at every later step. This
 is what Turner et al.'s hook computes when it re-runs the whole prompt at every step (their hook
 adds to the first positions only, which later steps do not recompute).
+
+Three rules keep the measurement honest (chapter 4, issue 13):
+
+* **The span stops before the predicting token.** The vector is added to at most the first
+  ``n_tokens - 1`` positions of a prompt of ``n_tokens`` tokens (:func:`steered_span`), so the
+  last token, whose output predicts the next word, is never overwritten: a vector longer than a
+  short prompt is *shortened* (its tail positions are dropped for that prompt), never padded into it.
+* **The metric does not count the steering words.** :func:`pair_word_stems` and
+  :func:`exclude_pair_words` remove the contrast pair's own words and their inflections (words
+  sharing a stem: ``" love"``, ``" lovely"``, ``" loved"``) from the word lists a metric counts.
+* **A configuration is chosen on some prompts and reported on others.** :func:`split_prompts`
+  draws a seeded, disjoint split; :func:`select_then_report` sweeps on the selection prompts, picks
+  with :func:`choose_setting` and measures only the chosen configuration (and the unsteered model)
+  on the held-out prompts, which the choice never sees.
+
+Layers are labelled as in the rest of the book: "layer ``l``" is the **output of block** ``l``,
+which is the residual stream *before* block ``l + 1`` (TransformerLens' ``resid_pre`` of layer
+``l + 1``, the name Turner et al. use). Their "layer 6" is our layer 5.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import dataclasses
 import re
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from lmbook.core.models import trace
@@ -45,6 +64,16 @@ __all__ = [
     "steered_generate",
     "log_odds",
     "word_rate",
+    "choose_setting",
+    "steered_span",
+    "word_stem",
+    "pair_word_stems",
+    "exclude_pair_words",
+    "split_prompts",
+    "SentimentMeasure",
+    "TopicMeasure",
+    "HeldOutChoice",
+    "select_then_report",
 ]
 
 
@@ -123,26 +152,38 @@ def _check_configs(sv: SteeringVector, configs) -> list[tuple[int, float]]:
     return out
 
 
-def _plan(sv: SteeringVector, configs, n_prompts: int, width: int, rows: range | None = None):
+def steered_span(n_positions: int, n_tokens: int) -> int:
+    """How many of a vector's ``n_positions`` are added to a prompt of ``n_tokens`` tokens (start
+    token included): all of them if the prompt is longer than the vector, else ``n_tokens - 1``, so
+    the span ends strictly before the prompt's last token (the one that predicts the next word)."""
+    return max(0, min(int(n_positions), int(n_tokens) - 1))
+
+
+def _plan(sv: SteeringVector, configs, n_prompts: int, last, rows: range | None = None):
     """Per layer (in order): the rows it steers and what each row adds.
 
     The repeated batch's rows are ordered ``config * n_prompts + prompt``; ``rows`` (default all)
-    is the chunk being run, and the row indices returned are relative to its start. Returns
-    ``([(layer, rows [R], delta [R, n, d])], n)`` with ``n = min(vector length, width)``;
+    is the chunk being run, and the row indices returned are relative to its start. ``last``
+    (``[len(rows)]``, or one int for every row) is the index of each row's last token; row ``r``
+    gets the vector's first :func:`steered_span` positions, the rest of its delta is an exact zero.
+    Returns ``([(layer, rows [R], delta [R, n, d])], n)`` with ``n`` the longest span;
     zero-coefficient rows are left out (they add nothing).
     """
     rows = range(len(configs) * n_prompts) if rows is None else rows
-    n = min(sv.n_positions, width)
+    last = torch.as_tensor(last, dtype=torch.long).reshape(-1).expand(len(rows))
+    spans = torch.tensor([steered_span(sv.n_positions, int(x) + 1) for x in last], dtype=torch.long)
+    n = int(spans.max()) if len(spans) else 0
     by_layer: dict[int, list[tuple[int, float]]] = {}
     for r in rows:
         layer, coeff = configs[r // n_prompts]
-        if coeff != 0.0:
+        if coeff != 0.0 and n > 0:
             by_layer.setdefault(layer, []).append((r - rows.start, coeff))
     plan = []
     for layer in sorted(by_layer):
         idx = torch.tensor([i for i, _ in by_layer[layer]], dtype=torch.long)
         coeffs = torch.tensor([k for _, k in by_layer[layer]], dtype=torch.float32)
-        plan.append((layer, idx, coeffs[:, None, None] * sv.at(layer)[None, :n]))
+        keep = (torch.arange(n)[None, :] < spans[idx][:, None]).float()  # [R, n]: inside each row's span
+        plan.append((layer, idx, coeffs[:, None, None] * keep[..., None] * sv.at(layer)[None, :n]))
     return plan, n
 
 
@@ -164,7 +205,8 @@ def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, c
     under each steering configuration. Returns ``[C, B, T]``.
 
     All ``C * B`` steered runs are batched (``max_rows`` rows per traced forward); the logits are
-    computed only at each row's last token.
+    computed only at each row's last token. Each prompt gets the vector's first
+    :func:`steered_span` positions: the span never reaches the prompt's last token.
     """
     configs = _check_configs(sv, configs)
     targets = torch.as_tensor(targets, dtype=torch.long)
@@ -174,7 +216,7 @@ def steered_target_logprobs(model, prompts: Sequence[str], sv: SteeringVector, c
     out = []
     for rows in _chunks(C * B, max_rows):
         sub = rep.select(list(rows))
-        plan, n = _plan(sv, configs, B, sub.input_ids.shape[1], rows)
+        plan, n = _plan(sv, configs, B, sub.last, rows)
         with torch.no_grad(), trace(model, sub, last_only=True):
             _add_front(model, plan, n)
             lp = final_logits(model, sub, last_only=True).float().log_softmax(-1)[:, targets].save()
@@ -189,8 +231,9 @@ def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix
 
     The vector is added to the first ``n`` positions (``n`` = its length). Without ``prefix`` those
     are the text's own first tokens, and the tokens scored are those from position ``n`` on. With a
-    ``prefix`` (a neutral sentence of at least ``n - 1`` tokens, say) each text follows the prefix,
-    the vector lands on the prefix, and every token of the text is scored: the steered model reads
+    ``prefix`` (a neutral sentence longer than the vector, start token included) each text follows
+    the prefix, the vector lands on the prefix before its last token, and every token of the text
+    is scored: the steered model reads
     ordinary text after a steered context, and no token of the text is overwritten by the vector.
     Logits are computed only at the positions that predict a scored token, for up to ``max_tokens``
     such positions per traced forward.
@@ -204,9 +247,10 @@ def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix
             raise ParameterError(f"prefix must be a non-empty string or None, got {prefix!r}")
         tok = model.tokenizer
         head = text_ids(tok, prefix, start=True)
-        if len(head) < sv.n_positions:
+        if len(head) <= sv.n_positions:
             raise ParameterError(f"the prefix {prefix!r} has {len(head)} tokens; the steering vector covers "
-                                 f"{sv.n_positions} positions, so the prefix needs at least that many")
+                                 f"{sv.n_positions} positions, so the prefix needs more than that (the span "
+                                 f"must end before the prefix's last token)")
         ids = [head + tok(" " + t, add_special_tokens=False)["input_ids"] for t in texts]
         batch = pad_ids(tok, texts, ids)
         first_scored = [len(head)] * len(batch)
@@ -224,7 +268,7 @@ def steered_nll(model, texts: Sequence[str], sv: SteeringVector, configs, prefix
     sums, counts = [], []
     for rows in _chunks(C * B, max_rows):
         sub = rep.select(list(rows))
-        plan, n = _plan(sv, configs, B, sub.input_ids.shape[1], rows)
+        plan, n = _plan(sv, configs, B, sub.input_ids.shape[1], rows)  # every row is longer than the span
         k = keep[keep < sub.input_ids.shape[1] - 1]
         targets = sub.input_ids[:, k + 1]
         target_mask = sub.attention_mask[:, k + 1].clone()
@@ -249,23 +293,28 @@ def steered_generate(
     temperature: float = 1.0,
     top_p: float = 0.3,
     seed: int = 0,
+    n_samples: int = 1,
 ) -> list[str]:
-    """Continue ``prompt`` once under each configuration, all ``C`` runs as one batched generation.
+    """Continue ``prompt`` ``n_samples`` times under each configuration, all ``C * n_samples`` runs
+    as one batched generation (rows ordered ``config * n_samples + sample``).
 
-    The steering vector is added in the pass over the prompt (see the module docstring). With
-    ``sample=True`` tokens are drawn with ``temperature`` and nucleus ``top_p`` after seeding
-    torch with ``seed``; with ``sample=False`` decoding is greedy. Returns ``C`` continuations
-    (the prompt not included; special tokens dropped).
+    The steering vector is added in the pass over the prompt (see the module docstring), on its
+    first :func:`steered_span` positions: never on the prompt's last token. With ``sample=True``
+    tokens are drawn with ``temperature`` and nucleus ``top_p`` after seeding torch with ``seed``;
+    with ``sample=False`` decoding is greedy. Returns ``C * n_samples`` continuations (the prompt not
+    included; special tokens dropped).
     """
     configs = _check_configs(sv, configs)
     check_int("max_new_tokens", max_new_tokens, 1, 2048)
+    check_int("n_samples", n_samples, 1, 10_000)
     if not isinstance(prompt, str) or not prompt:
         raise ParameterError(f"prompt must be a non-empty string, got {prompt!r}")
     tok = model.tokenizer
-    ids = torch.tensor([text_ids(tok, prompt, start=True)] * len(configs), dtype=torch.long)
-    last = torch.full((len(configs),), ids.shape[1] - 1)
-    batch = Batch([prompt] * len(configs), ids, torch.ones_like(ids), last, None)
-    plan, n = _plan(sv, configs, 1, ids.shape[1])
+    rows = [c for c in configs for _ in range(n_samples)]
+    ids = torch.tensor([text_ids(tok, prompt, start=True)] * len(rows), dtype=torch.long)
+    last = torch.full((len(rows),), ids.shape[1] - 1)
+    batch = Batch([prompt] * len(rows), ids, torch.ones_like(ids), last, None)
+    plan, n = _plan(sv, rows, 1, ids.shape[1] - 1)
     out = generate_ids(model, batch, max_new_tokens, edit=lambda m: _add_front(m, plan, n), sample=sample,
                        top_p=top_p, temperature=temperature, seed=seed)
     return tok.batch_decode(out, skip_special_tokens=True)
@@ -295,3 +344,203 @@ def word_rate(texts: Sequence[str], words) -> tuple[float, list[int], list[int]]
         hits.append(sum(w in vocab for w in ws))
         totals.append(len(ws))
     return (sum(hits) / sum(totals) if sum(totals) else 0.0), hits, totals
+
+
+def choose_setting(effect, ratio, layers, coeffs, max_ratio: float) -> dict:
+    """The (layer, coefficient) with the largest ``effect`` among those whose perplexity ``ratio``
+    is within ``max_ratio``; if none is, the largest effect at the smallest coefficient.
+
+    ``effect``/``ratio``: ``[len(layers), len(coeffs)]``. Returns ``{"layer", "coefficient",
+    "effect", "perplexity ratio", "within budget"}`` (chapter 4's choice of a setting)."""
+    effect, ratio = np.asarray(effect, dtype=float), np.asarray(ratio, dtype=float)
+    if effect.shape != ratio.shape or effect.shape != (len(layers), len(coeffs)):
+        raise ParameterError(f"effect and ratio must be [{len(layers)}, {len(coeffs)}], got "
+                             f"{effect.shape} and {ratio.shape}")
+    ok = ratio <= max_ratio
+    if not ok.any():
+        ok = np.zeros_like(ok)
+        ok[:, 0] = True
+    i, k = np.unravel_index(np.where(ok, effect, -np.inf).argmax(), effect.shape)
+    return {"layer": int(layers[i]), "coefficient": float(coeffs[k]), "effect": float(effect[i, k]),
+            "perplexity ratio": float(ratio[i, k]), "within budget": bool(ratio[i, k] <= max_ratio)}
+
+
+_SUFFIXES = ("ingly", "edly", "fully", "ness", "ful", "ing", "ly", "ed", "er", "es", "s", "e", "d", "y")
+
+
+def word_stem(word: str, min_length: int = 3) -> str:
+    """A crude stem of one word: lower-cased, then common English endings stripped (longest first,
+    repeatedly) while at least ``min_length`` letters remain. ``"love"``, ``"lovely"``, ``"loved"``,
+    ``"loving"`` and ``"lover"`` all give ``"lov"``; ``"hate"``, ``"hated"`` and ``"hateful"`` give
+    ``"hat"``. Enough to find a contrast pair's inflections in a short word list, not a linguist's stemmer."""
+    w = word.strip().lower()
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _SUFFIXES:
+            if w.endswith(suffix) and len(w) - len(suffix) >= min_length:
+                w = w[: -len(suffix)]
+                changed = True
+                break
+    return w
+
+
+def pair_word_stems(pair: Sequence[str]) -> set[str]:
+    """The stems (:func:`word_stem`) of every word in the prompts of a contrast pair."""
+    return {word_stem(w) for text in pair for w in _WORD.findall(text.lower())}
+
+
+def exclude_pair_words(words: Sequence[str], pair: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split a word list into ``(kept, removed)``: removed are the words that share a stem with a
+    word of the contrast ``pair`` (the pair's own words and their inflections), which a metric of
+    the steering effect should not count, since the vector may simply prime them. Order is kept."""
+    stems = pair_word_stems(pair)
+    kept, removed = [], []
+    for w in words:
+        (removed if word_stem(w) in stems else kept).append(w)
+    return kept, removed
+
+
+@dataclasses.dataclass
+class PromptSplit:
+    """A seeded split of prompts into a selection set (choose a configuration) and a disjoint held-out set
+    (report its effect)."""
+
+    select: list[str]
+    heldout: list[str]
+
+
+def split_prompts(prompts: Sequence[str], heldout_fraction: float, seed: int, name: str = "prompts") -> PromptSplit:
+    """Shuffle ``prompts`` with ``seed`` and hold out ``round(heldout_fraction * n)`` of them (at least
+    one, and at least one left to select on). Duplicate prompts are refused, since one string on both
+    sides would leak the held-out set into the choice. Each side keeps the list's order."""
+    prompts = list(prompts)
+    check_float("heldout_fraction", heldout_fraction, 0.0, 1.0)
+    if len(prompts) < 2:
+        raise ParameterError(f"{name} needs at least two prompts to split into selection and held-out sets, "
+                             f"got {len(prompts)}")
+    dup = sorted({p for p in prompts if prompts.count(p) > 1})
+    if dup:
+        raise ParameterError(f"{name} holds duplicate prompts {dup}; a split must not put one prompt on both sides")
+    n_held = min(len(prompts) - 1, max(1, round(heldout_fraction * len(prompts))))
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    held = set(order[:n_held].tolist())
+    return PromptSplit([p for i, p in enumerate(prompts) if i not in held],
+                       [p for i, p in enumerate(prompts) if i in held])
+
+
+UNSTEERED = (None, 0.0)
+
+
+@dataclasses.dataclass
+class SentimentMeasure:
+    """Chapter 4's sentiment measure: the change in next-token log-odds of positive over negative
+    words, from the unsteered model's, per prompt.
+
+    ``targets``: ``[T]`` token ids; ``variants``: ``{name: (positive indices, negative indices)}`` into
+    ``targets`` (e.g. the full lists and the lists without the pair's words); the first variant is the
+    one a choice maximises. Calling it on ``(prompts, configs)``, with ``configs[0]`` unsteered, runs one
+    batched forward and returns ``{name: [C, P]}``."""
+
+    model: object
+    sv: SteeringVector
+    targets: torch.Tensor
+    variants: dict
+
+    def __call__(self, prompts: Sequence[str], configs) -> dict[str, np.ndarray]:
+        lp = steered_target_logprobs(self.model, prompts, self.sv, configs, self.targets)
+        out = {}
+        for name, (pos, neg) in self.variants.items():
+            odds = log_odds(lp, pos, neg)
+            out[name] = (odds - odds[0]).numpy()
+        return out
+
+    def effect(self, out: dict) -> np.ndarray:
+        """``[C]``: the mean change over prompts of the first variant."""
+        return out[next(iter(self.variants))].mean(-1)
+
+
+@dataclasses.dataclass
+class TopicMeasure:
+    """Chapter 4's topic measure: whole-word hits of a word list in ``n_samples`` sampled continuations
+    per prompt and configuration (one batched generation per prompt, the samples as rows, seeded with
+    ``seed`` plus the prompt's index).
+
+    ``word_lists``: ``{name: [word, ...]}``; the first is the one a choice maximises. Calling it on
+    ``(prompts, configs)`` returns ``{"hits/<name>": [C, P], "words": [C, P], "texts": [P][C][S]}``,
+    summed over the samples: a rate is a ratio of sums over prompts
+    (:func:`lmbook.core.stats.ratio_bootstrap` resamples the prompts)."""
+
+    model: object
+    sv: SteeringVector
+    word_lists: dict
+    n_samples: int = 5
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 0.3
+    seed: int = 0
+
+    def __call__(self, prompts: Sequence[str], configs) -> dict:
+        C, P, S = len(configs), len(prompts), self.n_samples
+        out = {f"hits/{k}": np.zeros((C, P)) for k in self.word_lists}
+        out["words"], out["texts"] = np.zeros((C, P)), []
+        for j, prompt in enumerate(prompts):
+            gens = steered_generate(self.model, prompt, self.sv, configs, max_new_tokens=self.max_new_tokens,
+                                    temperature=self.temperature, top_p=self.top_p, seed=self.seed + j,
+                                    n_samples=S)
+            for name, words in self.word_lists.items():
+                _, hits, totals = word_rate(gens, words)
+                out[f"hits/{name}"][:, j] = np.reshape(hits, (C, S)).sum(1)
+            out["words"][:, j] = np.reshape(totals, (C, S)).sum(1)
+            out["texts"].append([gens[c * S:(c + 1) * S] for c in range(C)])
+        return out
+
+    def effect(self, out: dict) -> np.ndarray:
+        """``[C]``: hits of the first word list per word generated, over all prompts."""
+        hits = out[f"hits/{next(iter(self.word_lists))}"]
+        return hits.sum(-1) / np.maximum(out["words"].sum(-1), 1)
+
+
+@dataclasses.dataclass
+class HeldOutChoice:
+    """What :func:`select_then_report` found.
+
+    * ``select`` / ``heldout``: the measure's output on each prompt set; on the selection prompts
+      for ``configs`` (``[unsteered] + grid + extra``), on the held-out prompts for
+      ``[unsteered, chosen]`` only
+    * ``grid_effect``: ``[L, K]`` the selection prompts' effect of each grid configuration
+    * ``choice``: :func:`choose_setting`'s dict; ``index``: the chosen configuration's row in ``configs``
+    """
+
+    split: PromptSplit
+    configs: list
+    select: dict
+    grid_effect: np.ndarray
+    choice: dict
+    index: int
+    heldout: dict
+
+
+def select_then_report(measure, split: PromptSplit, layers, coeffs, ratio, max_ratio: float,
+                       extra_configs=()) -> HeldOutChoice:
+    """Choose a configuration on ``split.select`` and measure it on ``split.heldout``.
+
+    ``measure(prompts, configs)`` (a :class:`SentimentMeasure` or :class:`TopicMeasure`) runs on the
+    selection prompts under the unsteered model, every ``(layer, coefficient)`` of the grid and
+    ``extra_configs``; :func:`choose_setting` picks from the grid by ``measure.effect`` within the
+    perplexity ``ratio`` budget; then ``measure`` runs on the held-out prompts under the unsteered
+    model and the chosen configuration only. The held-out prompts never reach the selection, and
+    the selection prompts never reach the report (tested)."""
+    overlap = set(split.select) & set(split.heldout)
+    if overlap:
+        raise ParameterError(f"selection and held-out prompts overlap: {sorted(overlap)}")
+    if not split.select or not split.heldout:
+        raise ParameterError("both the selection and the held-out set need at least one prompt")
+    grid = [(int(layer), float(c)) for layer in layers for c in coeffs]
+    configs = [UNSTEERED] + grid + list(extra_configs)
+    select = measure(list(split.select), configs)
+    grid_effect = np.asarray(measure.effect(select))[1:1 + len(grid)].reshape(len(layers), len(coeffs))
+    choice = choose_setting(grid_effect, ratio, layers, coeffs, max_ratio)
+    chosen = (choice["layer"], choice["coefficient"])
+    heldout = measure(list(split.heldout), [UNSTEERED, chosen])
+    return HeldOutChoice(split, configs, select, grid_effect, choice, 1 + grid.index(chosen), heldout)

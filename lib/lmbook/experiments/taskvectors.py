@@ -32,11 +32,12 @@ import dataclasses
 
 import torch
 
+from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_int, check_layers
-from lmbook.core.tokens import Batch, encode
+from lmbook.core.tokens import Batch, answer_token_ids, encode
 from lmbook.mechanisms.generation import greedy_tokens
-from lmbook.mechanisms.interventions import hidden_states, intervene_sweep, replicate
-from lmbook.mechanisms.readout import last_normed, last_trace, next_token, readings
+from lmbook.mechanisms.interventions import hidden_states, intervene_sweep, last_token_inputs, prefix_cache
+from lmbook.mechanisms.readout import next_token, readings
 from lmbook.mechanisms.sublayers import head_contributions, out_projection
 
 __all__ = [
@@ -47,7 +48,8 @@ __all__ = [
     "TaskVectorRun",
     "run_task_vectors",
     "FunctionVectorRun",
-    "run_function_vector",
+    "task_head_effects",
+    "run_function_vectors",
 ]
 
 
@@ -84,39 +86,44 @@ def head_patch_effects(
 ) -> torch.Tensor:
     """Causal effect of each head's mean output on prompts that do not show the task.
 
-    ``batch``: prompts with shuffled labels; ``mean_z``: ``[L, H, hd]`` each head's mean input to the
-    output projection on clean prompts (for ``layers``, default all); ``targets``: ``[B]`` the
-    correct answers' token ids. For each head, its slice of the output projection's input at the
-    last token is replaced by the mean, and the effect is the probability of the target after the
-    patch minus without it, averaged over the prompts (Todd et al.'s average indirect effect).
-    One batched row per (head, prompt); forwards of at most ``max_rows`` rows. Returns ``[L, H]``.
-    """
+    ``batch``: prompts with shuffled labels; ``mean_z``: ``[L, H, hd]`` each head's mean
+    input to the output projection on clean prompts (for ``layers``, default all);
+    ``targets``: ``[B]`` the correct answers' token ids. For each head, its slice of the
+    output projection's input at the last token is replaced by the mean, and the effect
+    is the probability of the target after the patch minus without it, averaged over the
+    prompts (Todd et al.'s average indirect effect). One batched row per (head, prompt),
+    at most ``max_rows`` rows a forward; the prompts' tokens before the last run once
+    (a key-value cache) and each row runs its last token only. Returns ``[L, H]``."""
     layers = sorted(set(check_layers("layers", layers, model.num_layers)))
     H = model.num_heads
     if mean_z.shape[:2] != (len(layers), H):
-        raise ParameterError(f"mean_z must be [L={len(layers)}, H={H}, head_dim], got {tuple(mean_z.shape)}")
+        raise ParameterError(f"mean_z must be [L={len(layers)}, H={H}, head_dim], "
+                             f"got {tuple(mean_z.shape)}")
     hd = mean_z.shape[-1]
     tg = torch.as_tensor(targets, dtype=torch.long)
     B = len(batch)
-    base = next_token(model, batch, tg).target_logprob[0].exp()  # [B]
+    lb, cache = prefix_cache(model, batch)  # the shared prefix, run once
     names = {l: out_projection(model, l)[0] for l in layers}
-    units = [(i, h) for i in range(len(layers)) for h in range(H)]
+    units = [None] + [(i, h) for i in range(len(layers)) for h in range(H)]
     per = max(1, max_rows // B)
-    effects = torch.zeros(len(layers), H)
+    p = []
     for start in range(0, len(units), per):
-        chunk = units[start:start + per]
-        rep = replicate(batch, len(chunk))
-        with torch.no_grad(), last_trace(model, rep):
-            for j, (i, h) in enumerate(chunk):  # units are ordered by layer
-                if j == 0 or chunk[j - 1][0] != i:
+        chunk = units[start:start + per]  # None: the unpatched prompts
+        inputs = last_token_inputs(model, lb, cache, len(chunk))
+        with torch.no_grad(), trace(model, inputs, logits_to_keep=1):
+            for j, unit in enumerate(chunk):  # units are ordered by layer
+                if unit is None:
+                    continue
+                i, h = unit
+                if j == 0 or chunk[j - 1] is None or chunk[j - 1][0] != i:
                     z = getattr(model.attentions[layers[i]], names[layers[i]]).input
-                rows = torch.arange(j * B, (j + 1) * B)
-                z[rows, rep.last[rows], h * hd:(h + 1) * hd] = mean_z[i, h].to(device=z.device, dtype=z.dtype)
-            hf = last_normed(model, rep)
-        p = readings(model, hf, tg.repeat(len(chunk)))[1].exp().view(len(chunk), B)
-        for j, (i, h) in enumerate(chunk):
-            effects[i, h] = (p[j] - base).mean()
-    return effects
+                m = mean_z[i, h].to(device=z.device, dtype=z.dtype)
+                z[j * B:(j + 1) * B, -1, h * hd:(h + 1) * hd] = m
+            hf = model.ln_final.output[:, -1].save()
+        lp = readings(model, hf, tg.repeat(len(chunk)))[1]
+        p.append(lp.exp().view(len(chunk), B))
+    p = torch.cat(p)  # [1 + L * H, B]
+    return (p[1:] - p[0]).mean(1).view(len(layers), H)
 
 
 def top_heads(effects: torch.Tensor, k: int, layers=None) -> list[tuple[int, int]]:
@@ -175,7 +182,6 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
     test queries also greedy multi-token match.
     """
     from lmbook.data.tasks import (
-        answer_token_ids,
         first_token_correct,
         greedy_match,
         task_vector_prompts,
@@ -211,19 +217,23 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
 
 @dataclasses.dataclass
 class FunctionVectorRun:
-    """One task through Todd et al.'s protocol (:func:`run_function_vector`).
+    """One task through Todd et al.'s protocol (:func:`run_function_vectors`).
 
-    * ``effects``: ``[L, H]`` average indirect effect of each head on shuffled-label prompts
-    * ``heads``: all heads ranked by effect, best first
-    * ``val_grid``: ``[len(n_heads), L]`` validation accuracy of adding the FV built from the top
-      ``n_heads[i]`` heads after layer ``l`` to zero-shot prompts
+    * ``effects``: ``[L, H]`` average indirect effect of each head on this task's shuffled-label prompts
+    * ``task_heads``: all heads ranked by this task's ``effects``, best first
+    * ``heads``: all heads ranked by the effect averaged over ``ranked_over`` (the tasks run together),
+      best first: the function vector sums the top ones (Todd et al.'s choice of heads)
+    * ``val_grid``: ``[len(n_heads_grid), L]`` validation accuracy of adding the FV built from the top
+      ``n_heads_grid[i]`` heads after layer ``l`` to zero-shot prompts
     * ``n_heads``, ``layer``: the setting chosen on validation; ``correct``: ``[N_TEST]`` bool there
     * ``shuffled_acc``: first-token accuracy on the shuffled-label prompts themselves
     """
 
     task: str
     effects: torch.Tensor
+    task_heads: list
     heads: list
+    ranked_over: list
     n_heads_grid: list
     val_grid: torch.Tensor
     n_heads: int
@@ -233,26 +243,20 @@ class FunctionVectorRun:
     shuffled_acc: float
 
 
-def run_function_vector(model, split, k: int, n_clean: int, n_corrupted: int, n_heads_grid, seed: int = 0,
-                        prefix: str = "", max_rows: int = 256) -> FunctionVectorRun:
-    """Todd et al.'s function vector for one task split.
+def task_head_effects(model, split, k: int, n_clean: int, n_corrupted: int, seed: int = 0, prefix: str = "",
+                      max_rows: int = 256):
+    """Todd et al.'s first step for one task split: each head's mean output and its causal effect.
 
-    Mean head outputs come from ``n_clean`` ICL prompts whose queries are drawn from the
-    demonstration pool; head effects from ``n_corrupted`` prompts with shuffled labels (also from
-    the pool, so validation and test queries are never seen). For each size in ``n_heads_grid``
-    the FV (sum of the top heads' mean contributions) is added after each layer to the zero-shot
-    validation prompts; the best (size, layer) is then scored on the test prompts (first token).
-    """
+    Mean head outputs come from ``n_clean`` ``k``-shot ICL prompts whose queries are drawn from the
+    demonstration pool; head effects (:func:`head_patch_effects`) from ``n_corrupted`` ``k``-shot
+    prompts with shuffled labels (also from the pool, so validation and test queries are never seen).
+    Returns ``(effects [L, H], mean_heads [L, H, d], shuffled_acc)``."""
     import random
 
-    from lmbook.data.tasks import (
-        answer_token_ids,
-        few_shot_prompts,
-        first_token_correct,
-        shuffled_few_shot_prompts,
-        zero_shot_prompt,
-    )
+    from lmbook.data.tasks import few_shot_prompts, first_token_correct, shuffled_few_shot_prompts
 
+    check_int("n_clean", n_clean, 1)
+    check_int("n_corrupted", n_corrupted, 1)
     rng = random.Random(f"{seed}:fv:{split.task}")
     pool = list(split.demos)
     clean_q = [rng.choice(pool)[0] for _ in range(n_clean)]
@@ -264,19 +268,42 @@ def run_function_vector(model, split, k: int, n_clean: int, n_corrupted: int, n_
     cor_tg = answer_token_ids(model, [y for _, y in cor_pairs])
     shuffled_acc = float(first_token_correct(next_token(model, cor).top1[0], cor_tg).float().mean())
     effects = head_patch_effects(model, cor, mean_z, cor_tg, max_rows=max_rows)
-    ranked = top_heads(effects, effects.numel())
-    L = model.num_layers
-    zs_val = encode(model, [zero_shot_prompt(x, prefix) for x, _ in split.val])
-    tg_val = answer_token_ids(model, [y for _, y in split.val])
+    return effects, mean_heads, shuffled_acc
+
+
+def run_function_vectors(model, splits: dict, k: int, n_clean: int, n_corrupted: int, n_heads_grid, seed: int = 0,
+                         prefix: str = "", max_rows: int = 256) -> dict[str, FunctionVectorRun]:
+    """Todd et al.'s function vectors for several task splits (``{task: TaskSplit}``).
+
+    Each task's head effects and mean head outputs come from :func:`task_head_effects`; the heads
+    are then ranked once, by the effect averaged over the tasks (Todd et al. choose one set of heads
+    for all tasks), and each task's FV is the sum of *its own* mean outputs of the top heads. For
+    each size in ``n_heads_grid`` the FV is added after each layer to the task's zero-shot
+    validation prompts; the best (size, layer) is then scored on the test prompts (first token)."""
+    from lmbook.data.tasks import first_token_correct, zero_shot_prompt
+
+    if not splits:
+        raise ParameterError("run_function_vectors needs at least one task split")
     grid = list(n_heads_grid)
-    fvs = torch.stack([function_vector(mean_heads, ranked[:n]) for n in grid])  # [K, d]
-    vecs = fvs[:, None].expand(-1, L, -1).reshape(len(grid) * L, -1)
-    sweep = intervene_sweep(model, zs_val, vecs, list(range(L)) * len(grid), mode="add", max_rows=max_rows)
-    val_grid = first_token_correct(sweep.top1, tg_val).float().mean(1).view(len(grid), L)
-    best = int(val_grid.flatten().argmax())
-    ki, layer = divmod(best, L)
-    zs_test = encode(model, [zero_shot_prompt(x, prefix) for x, _ in split.test])
-    tg_test = answer_token_ids(model, [y for _, y in split.test])
-    test = intervene_sweep(model, zs_test, fvs[ki][None], [layer], mode="add")
-    return FunctionVectorRun(split.task, effects, ranked, grid, val_grid, grid[ki], layer,
-                             first_token_correct(test.top1[0], tg_test), float(fvs[ki].norm()), shuffled_acc)
+    parts = {t: task_head_effects(model, sp, k, n_clean, n_corrupted, seed=seed, prefix=prefix, max_rows=max_rows)
+             for t, sp in splits.items()}
+    mean_effect = torch.stack([e for e, _, _ in parts.values()]).mean(0)
+    ranked = top_heads(mean_effect, mean_effect.numel())
+    L = model.num_layers
+    runs = {}
+    for t, split in splits.items():
+        effects, mean_heads, shuffled_acc = parts[t]
+        zs_val = encode(model, [zero_shot_prompt(x, prefix) for x, _ in split.val])
+        tg_val = answer_token_ids(model, [y for _, y in split.val])
+        fvs = torch.stack([function_vector(mean_heads, ranked[:n]) for n in grid])  # [K, d]
+        vecs = fvs[:, None].expand(-1, L, -1).reshape(len(grid) * L, -1)
+        sweep = intervene_sweep(model, zs_val, vecs, list(range(L)) * len(grid), mode="add", max_rows=max_rows)
+        val_grid = first_token_correct(sweep.top1, tg_val).float().mean(1).view(len(grid), L)
+        ki, layer = divmod(int(val_grid.flatten().argmax()), L)
+        zs_test = encode(model, [zero_shot_prompt(x, prefix) for x, _ in split.test])
+        tg_test = answer_token_ids(model, [y for _, y in split.test])
+        test = intervene_sweep(model, zs_test, fvs[ki][None], [layer], mode="add")
+        runs[t] = FunctionVectorRun(t, effects, top_heads(effects, effects.numel()), ranked, list(splits), grid,
+                                    val_grid, grid[ki], layer, first_token_correct(test.top1[0], tg_test),
+                                    float(fvs[ki].norm()), shuffled_acc)
+    return runs

@@ -25,15 +25,9 @@ import torch
 
 from lmbook.core.models import generate
 from lmbook.core.params import ParameterError, check_float, check_int, check_layers
-from lmbook.core.tokens import Batch, pad_ids, pad_token_id
+from lmbook.core.tokens import Batch, left_padded, pad_token_id
 
-__all__ = ["left_padded", "generate_ids", "TopP", "greedy_tokens"]
-
-
-def left_padded(model, batch: Batch) -> Batch:
-    """The rows of a right-padded ``batch`` re-padded on the left (generation appends to the last column)."""
-    ids = [batch.input_ids[i, : int(batch.last[i]) + 1].tolist() for i in range(len(batch))]
-    return pad_ids(model, batch.prompts, ids, side="left")
+__all__ = ["generate_ids", "TopP", "greedy_tokens"]
 
 
 class TopP:
@@ -75,7 +69,7 @@ def generate_ids(model, batch: Batch, max_new_tokens: int, edit: Callable | None
                  sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int | None = None,
                  min_new_tokens: int | None = None) -> torch.Tensor:
     """New token ids ``[B, max_new_tokens]`` (fewer columns if every row ended) after each row of a
-    **left-padded** ``batch`` (:func:`left_padded`, or :func:`lmbook.core.tokens.pad_ids` with
+    **left-padded** ``batch`` (:func:`lmbook.core.tokens.left_padded`, or :func:`lmbook.core.tokens.pad_ids` with
     ``side="left"``).
 
     ``edit(model)`` is called inside the generation's trace, on the prompt pass or at every step

@@ -7,7 +7,9 @@
   a vector after each of many layers, one batched forward for all of them);
 * **directions at every position** (chapter 5): :func:`project_out` / :func:`directional`
   (directional ablation from everything written into the residual stream, and addition after a
-  layer), each row of a batch with its own direction.
+  layer), each row of a batch with its own direction;
+* **the MLP's write at every position** (chapter 7): :func:`mlp_write_sweep` (replace or add to
+  what the MLPs of a band of layers write, Merullo et al.'s o-vector intervention).
 
 A sweep over layers runs as **one** batched forward: the batch is repeated once per setting and
 copy ``i`` is changed only at its own layer, so ``n`` interventions cost one forward of ``n``
@@ -18,16 +20,19 @@ the residual stream, lives in :mod:`lmbook.mechanisms.knockout`; generation with
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_int, check_layers
-from lmbook.core.tokens import Batch
+from lmbook.core.tokens import Batch, left_padded
 from lmbook.mechanisms.readout import Readings, final_logits, last_normed, last_trace, readings
-from lmbook.mechanisms.sublayers import post_norms
+from lmbook.mechanisms.sublayers import _OUT_PROJ, post_norms, set_mlp_update, sublayer_updates
 
 __all__ = ["hidden_states", "patch_sweep", "replicate", "intervene_sweep", "project_out", "unit", "directional",
-           "prepare_directional", "directional_chunks", "ablated_residuals"]
+           "prepare_directional", "directional_chunks", "ablated_residuals", "orthogonalized_weights",
+           "mlp_write_sweep", "prefix_cache", "last_token_inputs"]
 
 
 def hidden_states(model, batch: Batch, layers=None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,16 +98,18 @@ def intervene_sweep(
     targets: torch.Tensor | None = None,
     max_rows: int = 256,
 ) -> Readings:
-    """Change the residual stream at each prompt's last token, one layer per copy of the batch.
+    """Change the residual stream at each prompt's last token, one layer per copy of the
+    batch.
 
-    ``vectors``: ``[L, d]`` (one vector per layer, shared by the prompts) or ``[L, B, d]``.
-    For ``i`` in ``range(L)``, copy ``i`` of the batch has the residual stream after layer
-    ``layers[i]`` at its last token replaced by (``mode="replace"``, Hendel et al.'s patching) or
-    incremented by (``mode="add"``, Todd et al.'s function vectors; a negative vector subtracts)
-    ``vectors[i]``. A layer may appear several times (say, with vectors of different scales).
-    All copies run in forwards of at most ``max_rows`` rows (whole copies per forward).
-    Returns :class:`lmbook.mechanisms.readout.Readings` with ``[L, B]`` readings.
-    """
+    ``vectors``: ``[L, d]`` (one vector per layer, shared by the prompts) or ``[L, B,
+    d]``. For ``i`` in ``range(L)``, copy ``i`` of the batch has the residual stream
+    after layer ``layers[i]`` at its last token replaced by (``mode="replace"``, Hendel
+    et al.'s patching) or incremented by (``mode="add"``, Todd et al.'s function
+    vectors; a negative vector subtracts) ``vectors[i]``. A layer may appear several
+    times (say, with vectors of different scales). All copies run in forwards of at most
+    ``max_rows`` rows (whole copies per forward). The prompts but their last tokens run
+    once (:func:`prefix_cache`); each copy then runs only its last token. Returns
+    :class:`lmbook.mechanisms.readout.Readings` with ``[L, B]`` readings."""
     if mode not in ("replace", "add"):
         raise ParameterError(f"mode={mode!r}; use 'replace' or 'add'")
     layers = list(layers) if not isinstance(layers, int) else [layers]
@@ -111,33 +118,33 @@ def intervene_sweep(
     vec = torch.as_tensor(vectors).float()
     if vec.ndim == 2:
         vec = vec[:, None].expand(-1, B, -1)
-    if vec.ndim != 3 or vec.shape[0] != len(checked) or vec.shape[1] != B or vec.shape[2] != model.hidden_size:
+    if vec.ndim != 3 or tuple(vec.shape) != (len(checked), B, model.hidden_size):
         raise ParameterError(
-            f"vectors must be [L={len(checked)}, d={model.hidden_size}] or [L, B={B}, d], "
+            f"vectors must be [L={len(checked)}, d={model.hidden_size}] or "
+            f"[L, B={B}, d], "
             f"got {tuple(torch.as_tensor(vectors).shape)}"
         )
     tg = None if targets is None else torch.as_tensor(targets, dtype=torch.long)
     check_int("max_rows", max_rows, 1)
     per = max(1, max_rows // B)  # copies per forward
+    lb, cache = prefix_cache(model, batch)  # all but the last tokens, run once
     tops, lps = [], []
     for start in range(0, len(checked), per):
         idx = list(range(start, min(start + per, len(checked))))
-        rep = replicate(batch, len(idx))
-        # visit each layer once, in the order the model computes them (nnsight requires it)
+        # each copy runs its last tokens on the shared prefix
+        inputs = last_token_inputs(model, lb, cache, len(idx))
+        # visit each layer once, in the order the model computes them (as nnsight needs)
         by_layer: dict[int, list[int]] = {}
         for j, i in enumerate(idx):
             by_layer.setdefault(checked[i], []).append(j)
-        with torch.no_grad(), last_trace(model, rep):
+        with torch.no_grad(), trace(model, inputs, last_only=True):
             for layer in sorted(by_layer):
                 h = model.layers_output[layer]
                 for j in by_layer[layer]:
                     rows = torch.arange(j * B, (j + 1) * B)
                     v = vec[idx[j]].to(device=h.device, dtype=h.dtype)
-                    if mode == "replace":
-                        h[rows, rep.last[rows]] = v
-                    else:
-                        h[rows, rep.last[rows]] = h[rows, rep.last[rows]] + v
-            hf = last_normed(model, rep)
+                    h[rows, -1] = v if mode == "replace" else h[rows, -1] + v
+            hf = model.ln_final.output[:, -1].save()
         top1, lp = readings(model, hf, None if tg is None else tg.repeat(len(idx)))
         tops.append(top1.view(len(idx), B))
         if lp is not None:
@@ -259,3 +266,190 @@ def _embed(model, batch: Batch) -> torch.Tensor:
     with torch.no_grad(), last_trace(model, batch):
         h = model.layers_input[0].save()
     return h
+
+
+# ---------------------------------------------------------------- MLP writes at every position (chapter 7)
+
+
+def _band_plan(bands, rep: Batch, B: int, vec: torch.Tensor):
+    """``{layer: (mask [R, T], vectors [R, d])}`` for the copies of ``rep`` whose band holds
+    the layer; the mask keeps positions ``1..last`` of each row (never the attention sink
+    at position 0, never the padding)."""
+    R, T = rep.input_ids.shape
+    pos = torch.arange(T)[None]
+    content = (pos >= 1) & (pos <= rep.last[:, None])
+    plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for j, band in enumerate(bands):
+        rows = slice(j * B, (j + 1) * B)
+        for layer in band:
+            mask, v = plan.setdefault(
+                layer, (torch.zeros(R, T, dtype=torch.bool), torch.zeros(R, vec.shape[-1])))
+            mask[rows] = content[rows]
+            v[rows] = vec[j]
+    return plan
+
+
+def mlp_write_sweep(model, batch: Batch, vectors: torch.Tensor, bands, mode: str = "replace",
+                    targets: torch.Tensor | None = None, max_rows: int = 256) -> Readings:
+    """Replace (or add to) what the MLP writes at every position, in a band of layers,
+    one setting per copy of the batch.
+
+    ``vectors``: ``[K, d]`` (shared by the prompts) or ``[K, B, d]``; ``bands``: ``K``
+    lists of layers. Copy ``i`` has the MLP write (:func:`lmbook.mechanisms.sublayers.
+    sublayer_updates`) of every layer in ``bands[i]``, at positions ``1..last`` of each
+    prompt, replaced by ``vectors[i]`` (``mode="replace"``: Merullo et al.'s o-vector
+    intervention, which swaps the FFN's output for the vector) or incremented by it
+    (``"add"``). Position 0, the attention sink, is never touched. All copies run in
+    forwards of at most ``max_rows`` rows. Returns ``[K, B]`` readings."""
+    if mode not in ("replace", "add"):
+        raise ParameterError(f"mode={mode!r}; use 'replace' or 'add'")
+    bands = [sorted(set(check_layers(f"bands[{i}]", b, model.num_layers))) if len(b) else []
+             for i, b in enumerate(bands)]
+    B, d = len(batch), model.hidden_size
+    vec = torch.as_tensor(vectors).float()
+    if vec.ndim == 2:
+        vec = vec[:, None].expand(-1, B, -1)
+    if vec.ndim != 3 or tuple(vec.shape) != (len(bands), B, d):
+        raise ParameterError(f"vectors must be [K={len(bands)}, d={d}] or [K, B={B}, d], "
+                             f"got {tuple(torch.as_tensor(vectors).shape)}")
+    tg = None if targets is None else torch.as_tensor(targets, dtype=torch.long)
+    check_int("max_rows", max_rows, 1)
+    per = max(1, max_rows // B)
+    tops, lps = [], []
+    for start in range(0, len(bands), per):
+        idx = list(range(start, min(start + per, len(bands))))
+        rep = replicate(batch, len(idx))
+        plan = _band_plan([bands[i] for i in idx], rep, B, vec[idx].reshape(len(idx), B, d))
+        with torch.no_grad(), last_trace(model, rep):
+            for layer in sorted(plan):  # in the order the model computes them
+                m = sublayer_updates(model, layer)[1]
+                mask, v = plan[layer]
+                v = v.to(device=m.device, dtype=m.dtype)[:, None, :]
+                new = m + v if mode == "add" else v.expand_as(m)
+                set_mlp_update(model, layer, torch.where(mask.to(m.device)[..., None], new, m))
+            hf = last_normed(model, rep)
+        top1, lp = readings(model, hf, None if tg is None else tg.repeat(len(idx)))
+        tops.append(top1.view(len(idx), B))
+        if lp is not None:
+            lps.append(lp.view(len(idx), B))
+    return Readings(torch.cat(tops), torch.cat(lps) if lps else None)
+
+
+_MLP_OUT = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h")
+
+
+def _project_rows(w: torch.Tensor, r: torch.Tensor) -> None:
+    """In place: remove ``r`` from each row of ``w`` (``[n, d]``: an embedding table)."""
+    rr = r.to(device=w.device, dtype=w.dtype)
+    w -= (w @ rr)[:, None] * rr[None, :]
+
+
+def _project_writer(mod: torch.nn.Module, r: torch.Tensor) -> None:
+    """In place: remove ``r`` from everything the projection ``mod`` writes, and from its bias."""
+    w = mod.weight
+    rr = r.to(device=w.device, dtype=w.dtype)
+    if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]: the output is the last axis
+        _project_rows(w, rr)
+    else:  # nn.Linear stores [out, in]
+        w -= rr[:, None] * (rr @ w)[None, :]
+    if getattr(mod, "bias", None) is not None:
+        mod.bias -= (mod.bias @ rr) * rr
+
+
+def _writers(model) -> list[torch.nn.Module]:
+    """Each layer's attention and MLP output projections."""
+    out = []
+    for l in range(model.num_layers):
+        for owner, names in ((model.attentions[l]._module, _OUT_PROJ), (model.mlps[l]._module, _MLP_OUT)):
+            mod = next((getattr(owner, n) for n in names if hasattr(getattr(owner, n, None), "weight")), None)
+            if mod is None:
+                raise ParameterError(f"layer {l}: no output projection named one of {names} in {type(owner).__name__}")
+            out.append(mod)
+    return out
+
+
+@contextlib.contextmanager
+def orthogonalized_weights(model, direction):
+    """Arditi et al.'s weight form of directional ablation, for the duration of a ``with`` block:
+    the unit ``direction`` is projected out of every weight that writes into the residual stream
+    (token and position embeddings, each attention block's output projection, each MLP's output
+    projection, and their biases), so no sublayer can write along it. The weights are restored on
+    exit, also after an error.
+
+    Without post-sublayer norms this computes what :func:`directional` does at run time (chapter 5
+    checks it on its own model; ``tests/test_interventions.py`` on tiny models). Gemma 2/3 normalise
+    each write again with a learned gain, which can turn it back towards the direction, so there the
+    edit is not equivalent and a :class:`ParameterError` says so. Tied input and output embeddings
+    are untied for the block, so the unembedding is not edited."""
+    if any(post_norms(model, l) is not None for l in range(model.num_layers)):
+        raise ParameterError("weight orthogonalisation equals directional ablation only without post-sublayer "
+                             "norms; this model normalises each sublayer's write again (Gemma 2/3)")
+    r = unit(torch.as_tensor(direction, dtype=torch.float32).flatten())
+    if r.shape != (model.hidden_size,) or not bool(r.any()):
+        raise ParameterError(f"direction must be a non-zero vector of size {model.hidden_size}")
+    hf = model._model
+    writers = _writers(model)
+    emb = hf.get_input_embeddings()
+    pos = getattr(getattr(hf, "transformer", None), "wpe", None)  # GPT-2's learned positions
+    tables = [pos.weight] if pos is not None else []
+    saved = [(p, p.detach().clone()) for m in writers for p in m.parameters(recurse=False)]
+    saved += [(w, w.detach().clone()) for w in tables]
+    tied = emb.weight
+    try:
+        emb.weight = torch.nn.Parameter(tied.detach().clone(), requires_grad=False)  # untied for the block
+        with torch.no_grad():
+            for m in writers:
+                _project_writer(m, r)
+            for w in tables + [emb.weight]:
+                _project_rows(w, r)
+        yield model
+    finally:
+        emb.weight = tied
+        with torch.no_grad():
+            for p_, w in saved:
+                p_.copy_(w)
+
+
+# ---------------------------------------------------------------- edits at the last token on a shared prefix
+
+
+def prefix_cache(model, batch: Batch):
+    """``batch`` left-padded, and the keys and values of every row's tokens but its last.
+
+    An edit at the last token changes nothing before it, so every edited copy of a prompt shares
+    that prefix: it is run once here, and each copy then runs only its last token on top of it
+    (:func:`last_token_inputs`). Chapter 2's attention knockout and chapter 6's head effects use it.
+    The cache is ``None`` (whole prompts are rerun) for a model traced remotely, whose cache cannot
+    be kept between requests, or a one-token prompt."""
+    lb = left_padded(model, batch)
+    if getattr(model, "lmbook_remote", False) or int(lb.attention_mask[:, :-1].sum(1).min()) == 0:
+        return lb, None
+    pos = (lb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": lb.input_ids[:, :-1], "attention_mask": lb.attention_mask[:, :-1],
+              "position_ids": pos[:, :-1]}
+    with torch.no_grad(), trace(model, inputs, use_cache=True, last_only=True):
+        out = model.output.save()
+    return lb, out.cache
+
+
+def last_token_inputs(model, lb: Batch, cache, n: int, order: str = "copy") -> dict:
+    """Model inputs for ``n`` copies of the left-padded ``lb``: the last token on top of the cached
+    prefix (``cache`` from :func:`prefix_cache`), or the whole rows when ``cache`` is None. Either way
+    each row's last token is the last column. ``order="copy"``: copy-major, like :func:`replicate`
+    (row ``i * B + b`` is copy ``i`` of prompt ``b``); ``order="row"``: prompt-major (row
+    ``b * n + i``)."""
+    from transformers import DynamicCache
+
+    if order not in ("copy", "row"):
+        raise ParameterError(f"order={order!r}; use 'copy' or 'row'")
+
+    def rep(x, dim=0):
+        return x.repeat(*([n] + [1] * (x.ndim - 1))) if order == "copy" else x.repeat_interleave(n, dim)
+
+    mask = rep(lb.attention_mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if cache is None:
+        return {"input_ids": rep(lb.input_ids), "attention_mask": mask, "position_ids": pos}
+    kv = [(rep(layer.keys), rep(layer.values)) for layer in cache.layers]
+    return {"input_ids": rep(lb.input_ids[:, -1:]), "attention_mask": mask, "position_ids": pos[:, -1:],
+            "cache": DynamicCache(kv, config=getattr(model, "config", None))}

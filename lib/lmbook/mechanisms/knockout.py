@@ -23,12 +23,13 @@ from collections.abc import Sequence
 
 import torch
 
-from lmbook.core.models import model_device, trace
+from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_int
 from lmbook.core.tokens import Batch, encode, start_token_id, token_span
+from lmbook.mechanisms.interventions import last_token_inputs, prefix_cache
 
 __all__ = ["KINDS", "POSITIONS", "FactGroup", "group_facts", "layer_windows", "key_masks", "position_index",
-           "knockout_sweep", "knockout_sweep_looped", "sweep_facts", "last_token_run", "prefix_cache"]
+           "knockout_sweep", "knockout_sweep_looped", "sweep_facts", "last_token_run"]
 
 KINDS = ("subject", "non-subject", "last")
 POSITIONS = ("subject first", "subject last", "after subject", "last")
@@ -78,10 +79,10 @@ def group_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets:
     return groups
 
 
-def layer_windows(n_layers: int, size: int) -> list[list[int]]:
+def layer_windows(n_layers: int, size: int, name: str = "size") -> list[list[int]]:
     """For each layer ``l``, the window of ``size`` consecutive layers centred on it (clipped at
     the ends): ``l - size // 2 .. l + (size - 1) // 2``."""
-    check_int("WINDOW", size, 1, n_layers)
+    check_int(name, size, 1, n_layers)
     return [list(range(max(0, c - size // 2), min(n_layers, c + (size - 1) // 2 + 1))) for c in range(n_layers)]
 
 
@@ -137,18 +138,6 @@ def _plan(model, group: FactGroup, kinds: Sequence[str], windows: Sequence[Seque
     return keep, active
 
 
-def prefix_cache(model, group: FactGroup, repeats: int):
-    """Keys and values of every prompt minus its last token, each repeated ``repeats`` times
-    (rows ordered fact-major), ready for a batch that feeds only the last tokens."""
-    dev = model_device(model)
-    ids = group.batch.input_ids[:, :-1].to(dev)
-    with torch.no_grad():
-        out = model._model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    cache = out.past_key_values
-    cache.reorder_cache(torch.arange(len(group.index), device=dev).repeat_interleave(repeats))
-    return cache
-
-
 def last_token_run(model, group: FactGroup, keep: torch.Tensor | None, active: torch.Tensor | None,
                    repeats: int, read_layer=None):
     """One traced forward of the last token of every prompt, ``repeats`` rows per fact, against the
@@ -159,18 +148,11 @@ def last_token_run(model, group: FactGroup, keep: torch.Tensor | None, active: t
     after that layer's knockout, to read what the layer computes; its values are returned as a list.
     Returns ``(next-token probabilities [F * repeats, vocab], list of read_layer's values)``.
     """
-    F, n = len(group.index), group.length
-    rows = F * repeats
-    if getattr(model, "lmbook_remote", False):
-        # NDIF cannot take a cache computed here: run the whole prompts; the knockout edits their last row.
-        ids = group.batch.input_ids.repeat_interleave(repeats, 0)
-        run = trace(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    else:
-        cache = prefix_cache(model, group, repeats)
-        ids = group.batch.input_ids[:, -1:].repeat_interleave(repeats, 0)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones(rows, n, dtype=torch.long)}
-        run = trace(model, inputs, cache=cache, use_cache=True)
-    with torch.no_grad(), run:
+    # the prompts minus their last token run once; each row feeds only its last token on top (or, on
+    # NDIF, which cannot take a cache computed here, the whole prompt, edited at its last row)
+    lb, cache = prefix_cache(model, group.batch)
+    inputs = last_token_inputs(model, lb, cache, repeats, order="row")
+    with torch.no_grad(), trace(model, inputs, use_cache=cache is not None, logits_to_keep=1):
         extra = list().save()
         for layer in range(model.num_layers):
             if keep is not None and bool(active[layer].any()):
@@ -192,7 +174,7 @@ def knockout_sweep(model, group: FactGroup, kinds: Sequence[str] = KINDS,
     order, each over the windows in order (default: a ``window``-layer window around every layer).
     """
     if windows is None:
-        windows = layer_windows(model.num_layers, window)
+        windows = layer_windows(model.num_layers, window, "window")
     keep, active = _plan(model, group, kinds, windows)
     F, R, n = keep.shape
     probs, _ = last_token_run(model, group, keep.reshape(F * R, n), active.repeat(1, F), R)
@@ -204,7 +186,7 @@ def knockout_sweep_looped(model, group: FactGroup, kinds: Sequence[str] = KINDS,
     """The same sweep as :func:`knockout_sweep`, one full forward per fact and intervention (the
     reference implementation the batched one is tested and benchmarked against)."""
     if windows is None:
-        windows = layer_windows(model.num_layers, window)
+        windows = layer_windows(model.num_layers, window, "window")
     keep, active = _plan(model, group, kinds, windows)
     F, R, _ = keep.shape
     out = torch.empty(F, R)
@@ -230,7 +212,7 @@ def sweep_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets:
     Returns ``[N, 1 + len(kinds) * n_layers]`` target probabilities in the order of ``prompts``."""
     from tqdm.auto import tqdm
 
-    windows = layer_windows(model.num_layers, window)
+    windows = layer_windows(model.num_layers, window, "window")
     groups = group_facts(model, prompts, subjects, targets, max_group)
     out = torch.empty(len(prompts), 1 + len(kinds) * len(windows))
     for g in tqdm(groups, desc="attention knockout", disable=not progress):

@@ -21,7 +21,7 @@ import torch
 
 from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_int
-from lmbook.core.tokens import Batch, pad_ids, start_token_id
+from lmbook.core.tokens import Batch, pad_ids, text_ids
 from lmbook.core.tokens import _tokenizer as _tok
 
 __all__ = ["logits_nll", "Scored", "encode_texts", "as_batch", "length_batches", "token_nll"]
@@ -63,12 +63,7 @@ def encode_texts(model_or_tokenizer, texts: Sequence[str]) -> Scored:
     tok = _tok(model_or_tokenizer)
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise ParameterError(f"texts must be a non-empty list of non-empty strings, got {type(texts).__name__}")
-    start = start_token_id(tok)
-    rows = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=start is None)["input_ids"]
-        rows.append(([start] if start is not None else []) + list(ids))
-    batch = pad_ids(tok, texts, rows)
+    batch = pad_ids(tok, texts, [text_ids(tok, t, start=True) for t in texts])
     nbytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.long)
     return Scored(list(texts), batch, nbytes)
 

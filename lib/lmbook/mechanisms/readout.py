@@ -7,7 +7,7 @@ readout in the book.
   (residual-stream vectors to target log-probabilities and top tokens), :func:`target_logits`
   (only a few tokens' logits), :func:`promoted_tokens` (the tokens a direction promotes);
 * the next token after each prompt: :func:`next_token` (top-1 and target log-probabilities, with
-  logits at one position only), :func:`next_token_logprobs`.
+  logits at one position only), :func:`next_token_logprobs`, :func:`top1_matches`.
 
 One rule is written here once: :func:`softcap`, the final logit soft-capping some families
 (Gemma 2) apply after the unembedding. Introduced in chapter 1 (the logit lens); chapters 2-7 read
@@ -26,7 +26,7 @@ from lmbook.core.tokens import Batch
 
 __all__ = ["softcap", "final_logits", "unembed", "lens_on_states", "target_logits", "promoted_tokens", "LensResult",
            "logit_lens", "emergence_layer", "Readings", "next_token", "next_token_logprobs", "last_trace",
-           "last_normed", "readings"]
+           "last_normed", "readings", "top1_matches"]
 
 
 def softcap(model, logits: torch.Tensor) -> torch.Tensor:
@@ -39,10 +39,12 @@ def softcap(model, logits: torch.Tensor) -> torch.Tensor:
 
 def final_logits(model, batch, last_only: bool = False):
     """Inside a :func:`trace`: the logits at each row's last token, ``[B, vocab]``; pass the same
-    ``last_only`` as the trace."""
+    ``last_only`` as the trace. With ``last_only`` the model computed no logits, and the final norm's
+    output at each row's own last token is unembedded here (soft-capped where the model does), so a
+    ragged batch costs one unembedding per row."""
     if last_only:
-        col = torch.searchsorted(torch.unique(batch.last), batch.last)
-        return model.logits[batch.rows(), col]
+        h = model.ln_final.output[batch.rows(), batch.last]
+        return softcap(model, model.lm_head(h))
     return model.logits[batch.rows(), batch.last]
 
 
@@ -206,10 +208,10 @@ def promoted_tokens(model, direction, k: int = 8) -> list[str]:
 
 
 def last_trace(model, batch: Batch, **kwargs):
-    """A trace whose model computes logits at the padded sequence's last position only: readings
-    take the final norm's output at each row's *own* last token (:func:`last_normed`) and unembed it
-    themselves, so a ragged batch never materialises ``[rows, positions, vocab]`` logits."""
-    return trace(model, batch, logits_to_keep=1, **kwargs)
+    """A trace whose model computes no logits: readings take the final norm's output at each row's
+    *own* last token (:func:`last_normed`) and unembed it themselves, so a ragged batch never
+    materialises ``[rows, positions, vocab]`` logits."""
+    return trace(model, batch, last_only=True, **kwargs)
 
 
 def last_normed(model, batch: Batch):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_layers
 from lmbook.core.tokens import Batch
 from lmbook.mechanisms.readout import last_trace
 
 __all__ = ["post_norms", "sublayer_updates", "sublayer_writes", "sublayer_norms", "out_projection",
-           "head_contributions"]
+           "head_contributions", "set_mlp_update"]
 
 
 def post_norms(model, layer: int):
@@ -52,31 +51,33 @@ def sublayer_updates(model, layer: int):
 
 
 def sublayer_writes(model, batch: Batch, layers=None) -> dict[str, torch.Tensor]:
-    """At each prompt's last token and each of ``layers`` (default all): what the attention block
-    and the MLP write into the residual stream, and the residual stream after the layer.
+    """At each prompt's last token and each of ``layers`` (default all): what the
+    attention block and the MLP write into the residual stream, and the residual stream
+    after the layer.
 
-    Returns ``{"attn", "mlp", "resid"}`` each ``[L, B, d]``. The residual stream between the two
-    sublayers (what the MLP reads) is ``resid - mlp``.
-    """
+    Returns ``{"attn", "mlp", "resid"}`` each ``[L, B, d]``. The residual stream between
+    the two sublayers (what the MLP reads) is ``resid - mlp``."""
     layers = sorted(set(check_layers("layers", layers, model.num_layers)))
     rows, pos = batch.rows(), batch.last
-    with torch.no_grad(), trace(model, batch, logits_to_keep=1):  # no logits needed
+    with torch.no_grad(), last_trace(model, batch):  # no logits needed
         attn, mlp, resid = list().save(), list().save(), list().save()
         for l in layers:
             a, m = sublayer_updates(model, l)
             attn.append(a[rows, pos])
             mlp.append(m[rows, pos])
             resid.append(model.layers_output[l][rows, pos])
-    return {k: torch.stack(v).float().cpu() for k, v in (("attn", attn), ("mlp", mlp), ("resid", resid))}
+    parts = {"attn": attn, "mlp": mlp, "resid": resid}
+    return {k: torch.stack(v).float().cpu() for k, v in parts.items()}
 
 
 def sublayer_norms(model, batch: Batch, row: int = 0) -> dict[str, torch.Tensor]:
-    """Norms of what each attention and MLP sublayer writes, and of the residual stream after each
-    layer, at every token of prompt ``row``: ``{"attention", "mlp", "residual"} -> [L, seq]``.
+    """Norms of what each attention and MLP sublayer writes, and of the residual stream
+    after each layer, at every token of prompt ``row``: ``{"attention", "mlp",
+    "residual"} -> [L, seq]``.
 
-    Accesses follow the order of computation (attention, then MLP, then the block's output, layer
-    by layer), as nnsight requires. Chapter 1 shows this trace as the first example of reading a model.
-    """
+    Accesses follow the order of computation (attention, then MLP, then the block's
+    output, layer by layer), as nnsight requires. Chapter 1 shows this trace as the
+    first example of reading a model."""
     n = int(batch.last[row]) + 1
     with torch.no_grad(), last_trace(model, batch):
         attn, mlp, resid = list().save(), list().save(), list().save()
@@ -85,8 +86,8 @@ def sublayer_norms(model, batch: Batch, row: int = 0) -> dict[str, torch.Tensor]
             attn.append(a[row, :n].norm(dim=-1))
             mlp.append(m[row, :n].norm(dim=-1))
             resid.append(model.layers_output[layer][row, :n].norm(dim=-1))
-    return {"attention": torch.stack(attn).float().cpu(), "mlp": torch.stack(mlp).float().cpu(),
-            "residual": torch.stack(resid).float().cpu()}
+    parts = {"attention": attn, "mlp": mlp, "residual": resid}
+    return {k: torch.stack(v).float().cpu() for k, v in parts.items()}
 
 
 # ---------------------------------------------------------------- per-head writes (chapter 6)
@@ -166,3 +167,17 @@ def head_contributions(model, batch: Batch, layers=None) -> dict[str, torch.Tens
         writes.append(write)
     parts = {"z": z_all, "heads": heads, "bias": biases, "attn": writes}
     return {k: torch.stack(v).float().cpu() for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------- writing the MLP's update (chapter 7)
+
+
+def set_mlp_update(model, layer: int, value) -> None:
+    """Inside a trace: make ``value`` (``[batch, seq, d]``) what the MLP of ``layer``
+    adds to the residual stream, the counterpart of :func:`sublayer_updates`' second
+    item (after Gemma's ``post_feedforward_layernorm`` where the model has one).
+    Chapter 7 replaces the MLP's write at every position with a relation vector."""
+    if post_norms(model, layer) is not None:
+        model.layers[layer].post_feedforward_layernorm.output = value
+    else:
+        model.mlps_output[layer] = value

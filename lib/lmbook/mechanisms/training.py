@@ -189,7 +189,7 @@ def cached_last_top1(model, batch: Batch, states: torch.Tensor | None, n_frozen:
                      batch_size: int = 64) -> torch.Tensor:
     """Top-1 next token after each row's last token, ``[B]``, running only blocks ``n_frozen ..`` on
     cached ``states`` of ``batch`` (a :class:`lmbook.core.tokens.Batch`, as
-    :func:`lmbook.data.facts.known_mask` encodes its prompts). Logits are computed at the last tokens only."""
+    :func:`lmbook.experiments.recall.known_mask` encodes its prompts). Logits are computed at the last tokens only."""
     out = torch.empty(len(batch), dtype=torch.long)
     with torch.no_grad(), skip_lower_layers(model, n_frozen) as stub:
         for idx in length_batches(batch, batch_size):

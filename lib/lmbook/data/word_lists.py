@@ -34,7 +34,8 @@ def load_word_lists(path: str | Path, name: str = "WORD_LISTS", keys=WORD_LIST_K
         words = value.get(key)
         if not isinstance(words, list) or not words:
             raise ParameterError(f"{name} {path}: needs a non-empty list of words under {key!r}, "
-                                 f"got {type(words).__name__ if key in value else 'nothing'}; keys found: {sorted(value)}")
+                                 f"got {type(words).__name__ if key in value else 'nothing'}; "
+                                 f"keys found: {sorted(value)}")
         for i, w in enumerate(words):
             if not isinstance(w, str) or not w.strip():
                 raise ParameterError(f"{name} {path}: {key}[{i}] must be a non-empty string, got {w!r}")
