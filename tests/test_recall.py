@@ -16,7 +16,6 @@ from lmbook.experiments.recall import (
     SublayerRun,
     TokenText,
     attributes_rate,
-    comparison_column,
     extraction_events,
     known_by_relation,
     known_mask,
@@ -135,19 +134,13 @@ def test_extraction_events_shape_and_clean_row(llama):
     assert torch.equal(extraction_events(llama, g, g.target, block_subject=False)[:, 0], ev[:, 0])
 
 
-def test_run_extraction_and_comparison_column(llama):
+def test_run_extraction(llama):
     run = run_extraction(llama, FACTS, progress=False)
     assert isinstance(run, ExtractionRun) and run.events.shape == (3, 2, llama.num_layers, 2)
     summary = run.any_layer(n_boot=100, seed=0)
     assert set(summary) == {"attention", "mlp", "attention_blocked", "mlp_blocked"}
     for mean, lo, hi in summary.values():
         assert 0 <= lo <= mean <= hi <= 100
-    ko = run_knockout(llama, FACTS, window=2, progress=False)
-    enrich = run_enrichment(llama, FACTS, DESCRIPTIONS, top_k=5)
-    sub = run_sublayer_knockout(llama, FACTS, DESCRIPTIONS, depth=1.0, window=1, top_k=4)
-    column = comparison_column(ko, enrich, sub, summary, None)
-    assert len(column) == len(PAPER_FINDINGS) and column[-1] == "not run"
-    assert column[3] == f"attention {summary['attention'][0]:.0f}%, MLP {summary['mlp'][0]:.0f}%"
 
 
 # ---------------------------------------------------------------- the estimates behind the chapter's claims

@@ -19,10 +19,9 @@ The chapter runs each protocol with one call per model, each returning a small d
   attention or MLP sublayer adds to the residual stream, projected by the unembedding, has the
   predicted attribute as its top token (clean, and with the last position's attention to the
   subject blocked);
-* :func:`comparison_column`: one model's column of the chapter's table beside the paper's findings;
-* :func:`paper_comparison`: for each of those findings, this run's outcome against the paper's (a claim's
-  outcome, :mod:`lmbook.core.claims`) with the estimates it rests on, each with a 95% bootstrap interval over
-  facts (:func:`lmbook.core.claims.bootstrap_stat`; the dataclasses' ``dip_layers``, ``peak_gap``,
+* :func:`paper_comparison`: for each of the paper's findings (:data:`PAPER_FINDINGS`), this run's outcome against the
+  paper's (a claim's outcome, :mod:`lmbook.core.claims`) with the estimates it rests on, each with a 95% bootstrap
+  interval over facts (:func:`lmbook.core.claims.bootstrap_stat`; the dataclasses' ``dip_layers``, ``peak_gap``,
   ``early_drops``, ``hits`` and ``difference`` helpers).
 
 Causal tracing (ROME), which the chapter sets beside these, is :mod:`lmbook.experiments.causal_tracing`.
@@ -60,7 +59,7 @@ from lmbook.mechanisms.sublayers import sublayer_updates
 __all__ = ["known_mask", "sample_known", "known_by_relation", "KnockoutRun", "run_knockout", "EnrichmentRun",
            "run_enrichment", "SublayerRun", "run_sublayer_knockout", "sublayer_knockout_topk", "ExtractionRun",
            "run_extraction", "extraction_events", "extraction_facts", "attributes_rate", "TokenText",
-           "PAPER_FINDINGS", "comparison_column", "PAPER_ROWS", "paper_comparison"]
+           "PAPER_FINDINGS", "PAPER_ROWS", "paper_comparison"]
 
 
 # ---------------------------------------------------------------- which facts a model knows
@@ -439,27 +438,6 @@ PAPER_FINDINGS = [
     "Blocking last→subject attention lowers the attention extraction rate",
     "Causal tracing: early-middle MLPs at the last subject token, late attention at the last token",
 ]
-
-
-def comparison_column(knockout: KnockoutRun, enrichment: EnrichmentRun, sublayer: SublayerRun,
-                      extraction: dict[str, tuple[float, float, float]], tracing: dict | None) -> list[str]:
-    """One model's measurements, one string per row of :data:`PAPER_FINDINGS`. ``extraction``:
-    :meth:`ExtractionRun.any_layer`; ``tracing``: the summary of
-    :meth:`lmbook.experiments.causal_tracing.CausalTracingRun.summary`, or ``None`` when not run."""
-    subj, non = knockout.largest_drop("subject"), knockout.largest_drop("non-subject")
-    clean, mlp, attn = sublayer.early_effect()
-    peak = [np.nanmax(np.nanmean(enrichment.rates[:, :, POSITIONS.index(p)], 0)) * 100
-            for p in ("subject last", "last")]
-    t = tracing
-    return [
-        f"{subj[0]:.0f}% @ depth {subj[2]:.2f}; non-subject {non[0]:.0f}% @ depth {non[2]:.2f}",
-        f"{peak[0]:.1f}% vs {peak[1]:.1f}%",
-        f"MLP {mlp:.1f}%, attention {attn:.1f}% (none {clean:.1f}%)",
-        f"attention {extraction['attention'][0]:.0f}%, MLP {extraction['mlp'][0]:.0f}%",
-        f"{extraction['attention'][0]:.0f}% → {extraction['attention_blocked'][0]:.0f}%",
-        f"MLP @ subject last peaks at layer {t['mlp_subject_last_peak_layer']} ({t['mlp_subject_last_peak']:.2f}); "
-        f"attention peaks @ {t['attention_peak_position']} layer {t['attention_peak_layer']}" if t else "not run",
-    ]
 
 
 PAPER_ROWS = ("knockout", "enrichment", "sublayer", "extraction", "blocked", "tracing")
