@@ -34,27 +34,42 @@ def test_smoke_results(smoke_run):
     for s in res["token_shares"]:
         assert 0 <= s["loss share of whitespace"] <= 1 and 0 < s[f"loss share of top {res['top_k']} types"] <= 1
 
-    # every run starts from the base model: zero training steps leave perplexity unchanged
+    # every run starts from the base model: its learning curve starts at zero change
     assert res["n_runs"] == len(params["CORPORA"]) * len(params["LRS"])
     start = [c for c in res["curves"] if c["step"] == 0]
     assert len(start) == res["n_runs"] * res["n_domains"]
-    assert all(c["delta bpb"] == 0 for c in start)
+    assert all(c["delta bpb"] == 0 and c["low"] == 0 == c["high"] for c in start)
+    assert res["epochs"] == params["EPOCHS"] and res["train_tokens_min"] > 0
+
+    # each change on a whole test set is the adapted minus the base bits per byte, with an interval around it
     base = {(s["domain"]): s["bits_per_byte"] for s in res["scores"] if s["model"] == params["MODEL"]}
-    for c in start:
-        assert c["bits_per_byte"] == pytest.approx(base[c["test domain"]], rel=1e-4)
+    assert len(res["changes"]) == res["n_runs"] * res["n_domains"]
+    for c in res["changes"]:
+        assert c["test set"] == ("whole" if c["same"] else "curve subset")  # the other domains: their curve subsets
+        if c["test set"] == "whole":
+            assert c["base bpb"] == pytest.approx(base[c["test domain"]], rel=1e-4)
+        assert c["bpb after"] - c["base bpb"] == pytest.approx(c["delta bpb"], abs=1e-9)
+        assert c["low"] <= c["delta bpb"] <= c["high"]
+        assert c["direction"] == ("rise" if c["low"] > 0 else "fall" if c["high"] < 0 else "unclear")
+    same = [c for c in res["changes"] if c["same"]]
+    assert res["n_runs_same_domain_rise"] == sum(c["direction"] == "rise" for c in same)
+    assert res["n_runs_same_domain_fall"] == sum(c["direction"] == "fall" for c in same)
 
-    # the same-domain change recorded for each run is the last point of its curve
-    last = {}
-    for c in res["curves"]:
-        if c["train domain"] == c["test domain"]:
-            last[c["train domain"], c["lr"]] = c["delta bpb"]  # curves are in step order
-    for s in res["same_domain_change_bpb"]:
-        assert s["after all passes"] == pytest.approx(last[s["domain"], s["lr"]])
-
-    # the per-token decomposition of each change adds up to the change of the mean loss
+    # the per-token decomposition of each change adds up to it, class by class with intervals
     classes = ["newline", "space", "punctuation", "digits", "word", "other"]
+    by_run = {(c["train domain"], c["lr"]): c["delta bpb"] for c in same}
     for c in res["contributions"]:
         assert sum(c[k] for k in classes) == pytest.approx(c["total"], abs=1e-6)
+        assert c["total"] == pytest.approx(by_run[c["domain"], c["lr"]], abs=1e-3)
+        for k in classes:
+            assert c[f"{k} low"] <= c[k] <= c[f"{k} high"]
+
+    # closeness measures and the depth comparison
+    assert [r["domain"] for r in res["similarity"]] == params["CORPORA"]
+    assert all(0 <= r["JS divergence"] <= 1 for r in res["similarity"])
+    assert res["n_rho_documents"] == sum(c["sampled test documents"] for c in res["corpora"])
+    assert len(res["depth_layers"]) == 2 and res["depth_domain"] == params["CORPORA"][0]
+    assert res["finding"]["verdict"] in {"reproduced", "partly", "not", "no_data"}
 
     # knowledge
     assert 0 <= res["recall_base"] <= 1 and res["n_facts"] == params["FACTS_LIMIT"]

@@ -19,7 +19,15 @@ def test_smoke_results(smoke_run):
         x = r[key]
         assert 0.0 <= x <= 1.0 and (x * params["N_TEST"]).is_integer(), key
     assert r["finetuned"] is True, "the packaged model does not refuse, so 'auto' fine-tunes it"
-    assert len(r["ft_losses"]) == params["FT_STEPS"]
+    n_steps = max(params["FT_STEPS"], params["FT_CURVE_STEPS"])
+    assert len(r["ft_losses"]) == n_steps, "the run trains on to FT_CURVE_STEPS to draw the cost curve"
+    steps = [c["step"] for c in r["ft_curve"]]
+    assert steps[0] == 0 and steps[-1] == n_steps and params["FT_STEPS"] in steps and steps == sorted(steps)
+    assert r["ft_curve"][0]["ppl_ratio"] == 1.0, "step 0 is the original model"
+    assert all(0.0 <= c[k] <= 1.0 for c in r["ft_curve"] for k in ("harmful", "harmless"))
+    kept = next(c for c in r["ft_curve"] if c["step"] == params["FT_STEPS"])
+    assert math.isclose(r["ft_ppl_ratio"], kept["ppl_ratio"], rel_tol=1e-3), \
+        "the model keeps the weights of step FT_STEPS"
     assert 0 <= r["direction_layer"] < n
     assert r["direction_layer"] % params["SELECT_LAYER_STEP"] == 0
     assert r["direction_layer"] < params.get("MAX_LAYER_FRACTION", 0.8) * n
@@ -32,6 +40,19 @@ def test_smoke_results(smoke_run):
     assert all(row["n"] == params["N_TEST"] and 0 <= row["refused"] <= row["n"] for row in table)
     assert all(row["low"] <= row["rate"] <= row["high"] for row in table)
     assert r["refusal_substrings"] and "I'm sorry" in r["refusal_substrings"]
+    # controls of matched norm: the same requests, a paired advantage with its interval
+    ctl = {(c["intervention"], c["direction"]): c for c in r["controls"]}
+    assert {"chosen", "random"} <= {d for _, d in ctl}
+    for (job, d), c in ctl.items():
+        assert c["n"] == params["N_TEST"]
+        if d != "chosen":
+            assert c["low"] <= c["advantage"] <= c["high"] and -1.0 <= c["advantage"] <= 1.0
+    # coherence: every condition's replies scored
+    conds = {(c["condition"], c["requests"]) for c in r["coherence"]}
+    assert {("original", "harmful"), ("fine-tuned", "harmless"), ("ablated", "harmful"),
+            ("added", "harmless"), ("random ablated", "harmful")} <= conds
+    assert all(0.0 <= c["degenerate"] <= 1.0 for c in r["coherence"])
+    assert r["finding"]["verdict"] in {"reproduced", "partly", "not", "no_data"}
 
 
 def test_smoke_claims(smoke_run):

@@ -53,6 +53,10 @@ def test_build_corpus_segments_come_from_their_split(tmp_path):
     assert all(any(s in docs[d] for d in c.train_docs) for s in c.train)
     assert all(any(s in docs[d] for d in c.test_docs) for s in c.test)
     assert sum(map(len, c.train)) <= 300 and sum(map(len, c.test)) <= 200
+    # each segment knows its document, which the chapter's intervals resample
+    assert len(c.train_sources) == len(c.train) and len(c.test_sources) == len(c.test)
+    assert all(s in docs[d] and d in c.test_docs for s, d in zip(c.test, c.test_sources))
+    assert all(s in docs[d] and d in c.train_docs for s, d in zip(c.train, c.train_sources))
     table = corpus_table([c])
     assert table.loc[0, "corpus"] == tmp_path.name and table.loc[0, "sha256"] == c.sha256
     assert table.loc[0, "test characters"] == sum(map(len, c.test))
@@ -104,3 +108,13 @@ def test_licence_distributions_are_all_pinned():
     pins = {_normalise(ln.split("==")[0]) for ln in lines if "==" in ln and not ln.startswith("#")}
     missing = sorted(_pinned_packages() - pins)
     assert not missing, f"listed in data/corpora/licences/distributions.txt but not pinned: {missing}"
+
+
+def test_factbook_corpus_is_plain_prose():
+    from lmbook.data.corpora import BUILTIN_CORPORA
+
+    docs = load_documents(BUILTIN_CORPORA["factbook"])
+    assert len(docs) > 200  # one background per country or territory
+    text = "".join(docs.values())
+    assert "<" not in text and "&rsquo;" not in text and "&amp;" not in text  # markup and entities decoded
+    assert all(t.endswith("\n") and t.strip() for t in docs.values())

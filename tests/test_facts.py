@@ -107,3 +107,22 @@ def test_facts_and_descriptions_with_bad_bytes(tmp_path):
     d.write_text("\n")
     with pytest.raises(ParameterError, match="holds no descriptions"):
         load_descriptions(d)
+
+
+def test_first_words_cuts_each_description():
+    from lmbook.data.facts import first_words
+
+    d = {"a": "one two  three\nfour", "b": "x"}
+    assert first_words(d, 2) == {"a": "one two", "b": "x"}
+    assert first_words(d, 10) == {"a": "one two three four", "b": "x"}
+    with pytest.raises(ParameterError):
+        first_words(d, 0)
+
+
+def test_the_long_descriptions_describe_known_subjects_at_length():
+    from lmbook.data.facts import load_descriptions, load_facts
+
+    subjects = {f.subject for f in load_facts()}
+    long = load_descriptions("data/facts/subjects_long.jsonl", "LONG_DESCRIPTIONS_PATH")
+    assert set(long) <= subjects and len(long) >= 100
+    assert all(100 <= len(d.split()) <= 160 for d in long.values())

@@ -18,8 +18,11 @@ from lmbook.experiments.perplexity import (
     adapt,
     adaptation_baseline,
     adaptation_sweep,
+    bpb_change,
     change_drivers,
     class_shares,
+    depth_comparison,
+    direction,
     evenly_spaced,
     loss_concentration,
     ppl_excluding,
@@ -27,12 +30,14 @@ from lmbook.experiments.perplexity import (
     recall_changes,
     run_directions,
     score_models,
+    similarity,
     summarize,
     token_class,
     token_table,
     token_texts,
     tokenizer_gap,
     top_token_shares,
+    unigram_js,
 )
 from lmbook.mechanisms.likelihood import encode_texts, token_nll
 from lmbook.mechanisms.training import prefix_states, restore_after, top_layer_parameters
@@ -115,6 +120,7 @@ def test_zero_training_steps_leave_perplexity_unchanged(llama):
         r = adapt(llama, train, prefix_states(llama, train, n_frozen), evals, n_train_layers=k, lr=1e-2, epochs=0)
     assert r.eval_steps == [0] and r.train_loss == []
     assert r.eval_nats["test"][0] == pytest.approx(base["nats"], rel=1e-5)
+    assert r.eval_segments["test"][0].shape == (len(test),)
     assert summarize(token_nll(llama, test), test)["nats"] == pytest.approx(base["nats"], rel=1e-6)
 
 
@@ -125,15 +131,17 @@ def test_adapt_scores_the_eval_sets_at_its_marks(llama):
     base = token_nll(llama, train)
     with restore_after(top_layer_parameters(llama, k)):
         r = adapt(llama, train, st, {"train": (train, st)}, n_train_layers=k, lr=1e-2, epochs=3, batch_size=2,
-                  eval_every=2, desc="test")
+                  eval_steps=[2, 4, 99], finals={"all": (train, st)}, desc="test")
         assert r.steps_per_epoch == 2 and len(r.train_loss) == 6 and r.eval_steps == [0, 2, 4, 6]
         assert len(r.eval_nats["train"]) == 4 and r.eval_nats["train"][-1] < r.eval_nats["train"][0]
         assert r.eval_nats["train"][0] == pytest.approx(float(base.sum()), rel=1e-5)
-        torch.testing.assert_close(token_nll(llama, train), r.final_nll["train"], atol=1e-4, rtol=1e-4)
-        initial = {"train": 123.0}  # given initial nats are taken as they are, not scored again
+        torch.testing.assert_close(token_nll(llama, train), r.final_nll["all"], atol=1e-4, rtol=1e-4)
+        assert r.eval_nats["train"][-1] == pytest.approx(float(r.final_nll["all"].sum()), rel=1e-5)
+        initial = {"train": np.full(len(train), 5.0)}  # given initial nats are taken as they are, not scored again
         r2 = adapt(llama, train, st, {"train": (train, st)}, n_train_layers=k, lr=1e-2, epochs=1, batch_size=2,
-                   initial_nats=initial)
-        assert r2.eval_steps == [0, 2] and r2.eval_nats["train"][0] == 123.0
+                   initial=initial, warmup=1, schedule="cosine", bf16=True)
+        assert r2.eval_steps == [0, 2] and r2.eval_nats["train"][0] == 5.0 * len(train)
+        assert r2.eval_nats["train"][-1] < float(base.sum())  # mixed-precision training still learns
 
 
 # ---------------------------------------------------------------- the chapter's protocol, end to end
@@ -178,27 +186,51 @@ def test_the_chapter_protocol_end_to_end(tiny_dirs, corpora, test_device):
     base = adaptation_baseline(model, scores, FACTS)
     assert base.cache_error < 1e-4 and base.known.dtype == torch.bool and len(base.known) == 3
     weights = [p.detach().clone() for p in model._model.parameters()]
-    sweep = adaptation_sweep(model, corpora, base, lrs=[1e-3, 1e-2], epochs=2, batch_size=2)
+    sweep = adaptation_sweep(model, corpora, base, lrs=[1e-3, 1e-2], epochs=2, batch_size=2, curve_points=2)
     assert all(torch.equal(p, q) for p, q in zip(model._model.parameters(), weights)), "every run is undone"
     assert len(sweep.runs) == 4 and sweep.n_train_layers == model.num_layers - n_frozen
     start = sweep.curves[sweep.curves.step == 0]
     assert len(start) == 4 * 2 and (start["delta bpb"] == 0).all()
+    assert sweep.curves.groupby(["train domain", "lr", "test domain"]).size().eq(3).all()  # step 0 and 2 points
+    ch = sweep.changes
+    assert len(ch) == 4 * 2 and ((ch.low <= ch["delta bpb"]) & (ch["delta bpb"] <= ch.high)).all()
+    assert ((ch.direction == "rise") == (ch.low > 0)).all() and ((ch.direction == "fall") == (ch.high < 0)).all()
+    # the change of a whole test set is its total loss change over its bytes
+    run = sweep.runs[0]
+    d = run.domain
+    after = float((run.result.final_nll[d] * base.tests[d].target_mask).sum())
+    row = ch[(ch["train domain"] == d) & (ch.lr == run.lr) & (ch["test domain"] == d)].iloc[0]
+    assert row["delta bpb"] == pytest.approx((after - base.initial[d]) / math.log(2) / base.nbytes[d], rel=1e-4)
     for d in scores.domains:
         assert sweep.base_bpb[d] == pytest.approx(float(scores.table.set_index(["model", "domain"])
                                                         .loc[(main, d), "bits_per_byte"]), rel=1e-5)
     assert set(sweep.same_domain().index) == {(d, lr) for d in ("alpha", "beta") for lr in (1e-3, 1e-2)}
 
     drivers = change_drivers(model, scores, sweep, n_tokens=2)
-    for _, c in drivers.contributions.iterrows():
+    for (_, c), (_, s) in zip(drivers.contributions.iterrows(), ch[ch.same].iterrows()):
         assert sum(c[k] for k in CLASSES) == pytest.approx(c["total"], abs=1e-6)
         assert c["low"] <= c["total"] <= c["high"]
+        assert c["total"] == pytest.approx(s["delta bpb"], abs=1e-4)  # the classes add up to the run's change
+        for k in c["carriers"].split(", ") if c["carriers"] else []:
+            assert (c[f"{k} low"] > 0) if c["total"] > 0 else (c[f"{k} high"] < 0)
+    sim = similarity(model, corpora, sweep, base, "alpha", corpora[0].test)
+    assert list(sim.table.domain) == ["alpha", "beta"] and (sim.table["JS divergence"] >= 0).all()
+    assert sim.rho_divergence.missing  # two domains: no rank correlation to compute
+    assert sim.n_documents == sum(len(set(base.sources[d])) for d in base.tests)
+    depth = depth_comparison(model, corpora[0], base, [1, model.num_layers], lr=1e-2, train_chars=200, batch_size=2,
+                             fp32_layers=[1])
+    assert set(depth.table["train layers"]) == {1, model.num_layers} and len(depth.table) == 3 * 2
+    assert list(depth.table.precision) == ["bf16"] * 4 + ["float32"] * 2
+    e = depth.same_domain(1, "float32")
+    assert e.low <= e.value <= e.high
+    assert all(torch.equal(p, q) for p, q in zip(model._model.parameters(), weights)), "the comparison is undone"
     recall = recall_changes(base, sweep, corpora)
     for _, r in recall.table.iterrows():
         assert r["recall after"] - r["recall before"] == pytest.approx((r["gained"] - r["lost"]) / 3)
     assert recall.n_facts == 3 and not recall.seen.any()  # no encyclopedia corpus: no seen subjects
 
     records = {}
-    for part in (scores, gap, conc, sweep, drivers, recall):
+    for part in (scores, gap, conc, sweep, drivers, recall, sim, depth):
         keys = part.records()
         assert not set(keys) & set(records), "each result is recorded by one protocol"
         records.update(keys)
@@ -206,11 +238,11 @@ def test_the_chapter_protocol_end_to_end(tiny_dirs, corpora, test_device):
     assert records["n_runs"] == 4 and records["n_scored_models"] == 2 and records["top_k"] == 3
 
     # what the chapter's claims rest on: each run's direction, and the correlation over runs
-    dirs = run_directions(sweep, drivers)
+    dirs = run_directions(sweep)
     assert len(dirs) == 4 and set(dirs.direction) <= {"rise", "fall", "unclear"}
-    for (_, r), (_, c) in zip(dirs.iterrows(), drivers.contributions.iterrows()):
+    for _, r in dirs.iterrows():
         assert r["change"] == pytest.approx(sweep.same_domain()[r["domain"], r["lr"]])
-        assert (r["direction"] == "rise") == (c["low"] > 0) and (r["direction"] == "fall") == (c["high"] < 0)
+        assert (r["direction"] == "rise") == (r["low"] > 0) and (r["direction"] == "fall") == (r["high"] < 0)
         assert math.isfinite(r["other domains"])
     rho = recall.correlation(n_boot=100)
     assert rho.missing or rho.low <= rho.value <= rho.high
@@ -227,3 +259,54 @@ def test_recall_correlation_over_runs():
     flat = RecallChanges(table.assign(change=0.0), 0.5, 100, torch.zeros(100, dtype=torch.bool), [1e-4])
     assert flat.correlation().missing
     assert RecallChanges(table[:2], 0.5, 100, torch.zeros(100), [1e-4]).correlation().missing  # too few runs
+
+
+# ---------------------------------------------------------------- intervals over documents
+
+def test_cluster_ratio_bootstrap_on_fixed_arrays():
+    from lmbook.core.stats import cluster_ratio_bootstrap, group_sums
+
+    labels, sums = group_sums([1.0, 2.0, 3.0, 4.0], ["b", "a", "b", "c"])
+    assert labels.tolist() == ["a", "b", "c"] and sums.tolist() == [2.0, 4.0, 4.0]
+    # one document per segment: the same as resampling segments
+    num, den = np.array([1.0, -1.0, 2.0, 0.5]), np.array([10.0, 10.0, 20.0, 10.0])
+    r, lo, hi = cluster_ratio_bootstrap(num, den, None, n_boot=500)
+    assert r == pytest.approx(2.5 / 50) and lo <= r <= hi
+    # segments of one document move together: resampling documents widens the interval
+    docs = ["d0", "d0", "d1", "d1", "d2", "d2", "d3", "d3"]
+    x = np.array([1.0, 1.1, -1.0, -0.9, 0.5, 0.6, -0.2, -0.1])
+    _, lo_s, hi_s = cluster_ratio_bootstrap(x, np.ones(8), None, n_boot=2000)
+    r_d, lo_d, hi_d = cluster_ratio_bootstrap(x, np.ones(8), docs, n_boot=2000)
+    assert r_d == pytest.approx(x.mean()) and hi_d - lo_d > hi_s - lo_s
+    # a constant change per byte has a zero-width interval whatever is resampled
+    r_c, lo_c, hi_c = cluster_ratio_bootstrap(np.array([2.0, 4.0, 6.0]), np.array([1.0, 2.0, 3.0]), ["a", "a", "b"])
+    assert r_c == lo_c == hi_c == pytest.approx(2.0)
+    # several rows (token classes) at once, each its own ratio over the same bytes
+    rows, lo_r, hi_r = cluster_ratio_bootstrap(np.stack([x, -x]), np.ones(8), docs, n_boot=500)
+    assert rows[0] == pytest.approx(-rows[1]) and (lo_r <= rows).all() and (rows <= hi_r).all()
+    with pytest.raises(ValueError):
+        group_sums([1.0, 2.0], ["a"])
+
+
+def test_bpb_change_and_direction():
+    e = bpb_change(np.array([math.log(2)] * 4), np.array([1, 1, 1, 1]), ["a", "b", "c", "d"])
+    assert e.value == pytest.approx(1.0) and e.low == pytest.approx(1.0) and direction(e) == "rise"
+    e = bpb_change(np.array([1.0, -1.0, 0.5, -0.5]), np.array([4, 4, 4, 4]), ["a", "b", "c", "d"])
+    assert e.value == pytest.approx(0.0) and direction(e) == "unclear"
+    assert direction(bpb_change(np.array([-1.0, -2.0]), np.array([3, 3]), ["a", "b"])) == "fall"
+
+
+def test_unigram_js_divergence():
+    assert unigram_js([1, 2, 3], [3, 2, 1]) == pytest.approx(0.0)
+    assert unigram_js([1, 1], [2, 2]) == pytest.approx(1.0)  # disjoint: one bit
+    assert 0 < unigram_js([1, 1, 2], [1, 2, 2]) < 1
+
+
+def test_lr_schedule():
+    from lmbook.mechanisms.training import lr_schedule
+
+    f = lr_schedule(10, warmup=2, kind="cosine", floor=0.1)
+    assert [f(0), f(1)] == pytest.approx([1 / 3, 2 / 3]) and f(2) == pytest.approx(1.0) and f(9) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(2, 9))
+    g = lr_schedule(10, warmup=0)
+    assert all(g(i) == 1.0 for i in range(10))

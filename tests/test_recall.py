@@ -71,11 +71,26 @@ def test_attributes_rate_counts_content_tokens(llama):
     tok = llama.tokenizer
     ids = torch.tensor(tok.convert_tokens_to_ids(["paris", "the", "of", "city", "italy", "a"]))
     text = TokenText(llama)
-    # content tokens (not stop words, > 2 characters): paris, city, italy
-    assert attributes_rate(ids, frozenset({"paris"}), text) == pytest.approx(1 / 3)
-    assert attributes_rate(ids, frozenset({"paris", "italy", "rome"}), text) == pytest.approx(2 / 3)
+    # content tokens (not stop words, > 2 characters): paris, city, italy; the rate divides by the number kept
+    assert attributes_rate(ids, frozenset({"paris"}), text, keep=3) == pytest.approx(1 / 3)
+    assert attributes_rate(ids, frozenset({"paris", "italy", "rome"}), text, keep=3) == pytest.approx(2 / 3)
+    # as the reference: the first `keep` content tokens only, and never rescaled when fewer are found
+    assert attributes_rate(ids, frozenset({"italy"}), text, keep=2) == 0.0  # italy is the third content token
+    assert attributes_rate(ids, frozenset({"paris"}), text, keep=50) == pytest.approx(1 / 50)
     stop = torch.tensor(tok.convert_tokens_to_ids(["the", "of", "a"]))
     assert attributes_rate(stop, frozenset({"paris"}), text) == 0.0
+
+
+def test_attributes_rates_vectorised_equals_one_list_at_a_time(llama):
+    from lmbook.experiments.recall import attributes_rates
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, len(llama.tokenizer), size=(2, 3, 20))
+    rel = [frozenset({"paris", "city"}), frozenset({"rome", "italy", "tower"})]
+    text = TokenText(llama)
+    got = attributes_rates(ids, rel, text, keep=4)
+    want = [[attributes_rate(ids[f, r], rel[f], text, keep=4) for r in range(3)] for f in range(2)]
+    np.testing.assert_allclose(got, want)
 
 
 def test_run_knockout_is_the_sweep_relative_to_clean(llama):
@@ -90,19 +105,23 @@ def test_run_knockout_is_the_sweep_relative_to_clean(llama):
 
 
 def test_run_enrichment_reads_the_logit_lens(llama):
-    run = run_enrichment(llama, FACTS, DESCRIPTIONS, top_k=5, batch_size=2)
+    short = {k: " ".join(v.split()[:2]) for k, v in DESCRIPTIONS.items()}
+    run = run_enrichment(llama, FACTS, DESCRIPTIONS, top_k=5, batch_size=2, pool=20, variants={"short": short})
+    assert run.variants["short"].shape == run.rates.shape and run.pool == 20
     assert isinstance(run, EnrichmentRun) and run.rates.shape == (3, llama.num_layers, len(POSITIONS))
     assert np.isnan(run.rates[2, :, 2]).all()  # "italy" has no token between it and the last one
     ok = run.rates[~np.isnan(run.rates)]
     assert ((ok >= 0) & (ok <= 1)).all()
     # fact 0, subject's last token, last layer: the rate of the logit lens's own top-5 there
-    b = encode(llama, PROMPTS[:1])
-    ids = logit_lens(llama, b, positions=position_index(b, torch.tensor([token_span(b, 0, SUBJECTS[0])])), k=5).top_ids
+    b = encode(llama, PROMPTS[:1], start=True)
+    ids = logit_lens(llama, b, positions=position_index(b, torch.tensor([token_span(b, 0, SUBJECTS[0])])), k=20).top_ids
     from lmbook.experiments.recall import _other_attributes
 
     rel = _other_attributes(llama, FACTS, DESCRIPTIONS)[0]
     assert "paris" not in rel and "tower" not in rel  # the answer and the subject's own words are excluded
-    assert run.rates[0, -1, 1] == pytest.approx(attributes_rate(ids[-1, 0, 1], rel, TokenText(llama)))
+    assert run.rates[0, -1, 1] == pytest.approx(attributes_rate(ids[-1, 0, 1], rel, TokenText(llama), keep=5))
+    # fewer words of the descriptions: never more related words, so never a higher rate for any list
+    assert (np.nan_to_num(run.variants["short"]) <= np.nan_to_num(run.rates) + 1e-12).all()
     value, _ = run.peak("subject last")
     assert value == pytest.approx(np.nanmax(run.curve("subject last")))
 
@@ -134,13 +153,34 @@ def test_extraction_events_shape_and_clean_row(llama):
     assert torch.equal(extraction_events(llama, g, g.target, block_subject=False)[:, 0], ev[:, 0])
 
 
+def test_same_layer_events_project_the_blocked_write(llama):
+    from lmbook.experiments.recall import same_layer_events
+    from lmbook.mechanisms.knockout import key_masks, same_layer_blocked
+    from lmbook.mechanisms.readout import unembed
+
+    g = group_facts(llama, PROMPTS, SUBJECTS, torch.tensor([10, 11, 12]))[0]
+    w = same_layer_blocked(llama, g.batch, torch.stack(
+        [key_masks(g.length, tuple(sp.tolist()), True)["subject"] for sp in g.spans]))
+    top = unembed(llama, w["blocked"].reshape(-1, w["blocked"].shape[-1])).argmax(-1).reshape(llama.num_layers, -1)
+    target = top[1]  # whatever the blocked write of layer 1 promotes: an event there by construction
+    ev = same_layer_events(llama, g, target)
+    assert ev.shape == (len(g.index), llama.num_layers, 3) and ev[:, 1, 2].all()
+    # the clean columns agree with the propagated variant's clean row (the same updates, the same projection)
+    old = extraction_events(llama, g, target, block_subject=False)[:, 0]
+    assert torch.equal(ev[:, :, :2], old)
+
+
 def test_run_extraction(llama):
     run = run_extraction(llama, FACTS, progress=False)
-    assert isinstance(run, ExtractionRun) and run.events.shape == (3, 2, llama.num_layers, 2)
+    assert isinstance(run, ExtractionRun) and run.events.shape == (3, llama.num_layers, 3)
     summary = run.any_layer(n_boot=100, seed=0)
-    assert set(summary) == {"attention", "mlp", "attention_blocked", "mlp_blocked"}
+    assert set(summary) == {"attention", "mlp", "attention_blocked"}
     for mean, lo, hi in summary.values():
         assert 0 <= lo <= mean <= hi <= 100
+    both = run_extraction(llama, FACTS, progress=False, propagated=True)
+    assert both.events.shape == (3, llama.num_layers, 5) and np.array_equal(both.events[..., :3], run.events)
+    assert set(both.any_layer(n_boot=100)) == {"attention", "mlp", "attention_blocked",
+                                               "attention_blocked_propagated", "mlp_blocked_propagated"}
 
 
 # ---------------------------------------------------------------- the estimates behind the chapter's claims
@@ -167,7 +207,7 @@ def test_bootstrap_stat_brackets_and_needs_two_rows():
 def _rest(F=20, L=12, mlp=0.0, attention=0.0):
     """Enrichment, sublayer and extraction runs of F facts without any effect, for :func:`paper_comparison`."""
     sub = SublayerRun(8, list(range(8)), 3, np.full(F, 10.0), np.full((F, 8), mlp), np.full((F, 8), attention))
-    return EnrichmentRun(np.zeros((F, L, 4)), 50), sub, ExtractionRun(np.zeros((F, 2, L, 2), dtype=bool))
+    return EnrichmentRun(np.zeros((F, L, 4)), 50), sub, ExtractionRun(np.zeros((F, L, 3), dtype=bool))
 
 
 @pytest.mark.parametrize("subject, nonsubject, outcome", [(8, 3, "as_paper"), (3, 8, "unlike_paper"),
@@ -210,11 +250,49 @@ def test_peak_gap_and_extraction_difference():
     e = EnrichmentRun(rates, 50)
     assert e.peak_gap("subject last", "last", n_boot=100).value == pytest.approx(30.0)
     assert e.peak_gap("subject last", "after subject", n_boot=100).missing
-    events = np.zeros((F, 2, L, 2), dtype=bool)
-    events[:20, 0, 4, 0] = True  # attention events in 20 facts, none when the subject is blocked
-    events[:5, 0, 1, 1] = True  # MLP events in 5
+    events = np.zeros((F, L, 3), dtype=bool)
+    events[:20, 4, 0] = True  # attention events in 20 facts, none when the subject is blocked
+    events[:5, 1, 1] = True  # MLP events in 5
     x = ExtractionRun(events)
     assert x.hits("attention").sum() == 20 and x.hits("attention_blocked").sum() == 0
     d = x.difference("attention", "mlp", n_boot=200)
     assert d.value == pytest.approx(0.5) and d.low > 0
     assert x.difference("attention_blocked", "attention", n_boot=200).high < 0
+
+
+def test_run_knockout_window_defaults_to_the_papers_relative_depth(llama):
+    from lmbook.experiments.recall import knockout_window
+    from lmbook.mechanisms.knockout import relative_window
+
+    assert knockout_window(llama) == relative_window(llama.num_layers) and knockout_window(llama, 2) == 2
+    run = run_knockout(llama, FACTS, progress=False)
+    assert run.window == relative_window(llama.num_layers) and run.start
+    with pytest.raises(ParameterError, match="WINDOW=9"):
+        knockout_window(llama, 9)  # deeper than the tiny model's 3 layers
+
+
+def test_sink_share_is_the_part_of_the_bare_drop_the_start_token_removes():
+    from lmbook.experiments.recall import sink_share
+
+    ko = _knockout(8, 3)
+    bare = KnockoutRun({k: 2 * v for k, v in ko.changes.items()}, ko.clean, 3, start=False)
+    s = sink_share(ko, bare, n_boot=200)
+    assert s["bare"].value == pytest.approx(2 * s["fixed"].value)
+    assert s["share"].value == pytest.approx(0.5) and s["share"].low <= 0.5 <= s["share"].high
+    assert sink_share(ko, ko, n_boot=200)["share"].value == pytest.approx(0.0)
+    with pytest.raises(ParameterError, match="unknown knockout kind"):
+        sink_share(ko, bare, kind="relation")
+
+
+def test_paper_items_lists_every_item_with_ours_computed():
+    from lmbook.experiments.recall import PAPER_ITEMS, paper_items, sink_share
+
+    ko = _knockout(8, 3)
+    enrich, _, extract = _rest()
+    bare = KnockoutRun({k: 2 * v for k, v in ko.changes.items()}, ko.clean, 3, start=False)
+    table = paper_items("m", ko, enrich, extract, FACTS, 2, sink=sink_share(ko, bare, n_boot=100), sink_model="s",
+                        n_boot=100)
+    assert list(table["item"]) == [item for item, _ in PAPER_ITEMS.values()]
+    ours = dict(zip(PAPER_ITEMS, table["this run"]))
+    assert ours["tracing"] == "not run (N_TRACE)" and "0.50" in ours["start"]
+    assert ours["generality"].startswith("3 facts, 3 relations") and "knows 2" in ours["generality"]

@@ -12,14 +12,20 @@ from lmbook.experiments.refusal import (
     encode_prompts,
     format_instructions,
     generate,
+    generate_conditions,
+    is_degenerate,
     is_refusal,
     kl_divergence,
     last_logprobs,
+    matched_random_direction,
     mean_diff_directions,
     post_instruction_positions,
     refusal_rate,
     refusal_score,
     refusal_share,
+    repeated_ngram_share,
+    reply_nll,
+    runner_up,
     select_direction,
     text_nll,
     text_perplexity,
@@ -172,3 +178,126 @@ def test_select_direction_and_text_nll(llama):
 
 
 
+
+
+def test_matched_random_direction_has_the_norm():
+    r = torch.randn(16) * 7
+    a, b, c = (matched_random_direction(r, s) for s in (0, 0, 1))
+    assert a.shape == r.shape and float(a.norm()) == pytest.approx(float(r.norm()), rel=1e-6)
+    assert torch.equal(a, b) and not torch.allclose(a, c), "seeded: same seed, same direction"
+    assert abs(float(torch.nn.functional.cosine_similarity(a, r, dim=0))) < 0.99
+    with pytest.raises(ParameterError):
+        matched_random_direction(torch.zeros(2, 3))
+
+
+def test_runner_up_is_the_best_other_layer():
+    from lmbook.experiments.refusal import Selection
+
+    nan = float("nan")
+    bypass = torch.tensor([[0.1, nan, 3.0], [-2.0, nan, 0.5]])
+    sel = Selection(1, 0, torch.zeros(4), bypass, bypass, bypass, 0.0, 0.0, True, "all filters")
+    assert runner_up(sel) == (1, 2), "lowest bypass at a layer other than 0, unscored layers skipped"
+    only = Selection(0, 0, torch.zeros(4), torch.tensor([[1.0, nan]]), bypass, bypass, 0.0, 0.0, True, "x")
+    assert runner_up(only) is None
+
+
+def test_repetition_and_degenerate_replies():
+    assert repeated_ngram_share("a b c d e f", 2) == 0.0
+    # 6 bigrams: (a,b) (b,a) (a,b)* (b,a)* (a,b)* (b,c): 3 repeat an earlier one
+    assert repeated_ngram_share("A b a b a b c", 2) == pytest.approx(3 / 6)
+    assert repeated_ngram_share("one two", 4) == 0.0
+    loop = "Sure, here it is. " * 8
+    assert repeated_ngram_share(loop) > 0.8 and is_degenerate(loop)
+    prose = "Knead the dough for ten minutes, let it rise for an hour, shape a loaf and bake it until golden."
+    assert repeated_ngram_share(prose) == 0.0 and not is_degenerate(prose)
+    assert is_degenerate("") and is_degenerate("  \n ")
+    assert not is_degenerate("Sorry, but I can't help with that.")
+    half = "a b c d e a b c d e"  # 7 four-grams, 2 repeats (a b c d, b c d e)
+    assert repeated_ngram_share(half) == pytest.approx(2 / 7)
+    assert is_degenerate(half, threshold=0.2) and not is_degenerate(half, threshold=2 / 7)
+    with pytest.raises(ParameterError):
+        is_degenerate("x", threshold=1.5)
+
+
+def test_generate_rows_carry_their_own_intervention(llama):
+    tok = llama.tokenizer
+    prompts = format_instructions(tok, HARMFUL + HARMLESS[:1], "plain")
+    torch.manual_seed(3)
+    r, v = torch.randn(llama.hidden_size), torch.randn(llama.hidden_size) * 3
+    z = torch.zeros(llama.hidden_size)
+    # rows: plain, ablated, added, plain
+    ab = torch.stack([z, r, z, z])
+    ad = {1: torch.stack([z, z, v, z])}
+    texts, ids = generate(llama, prompts, "plain", ablate=ab, add=ad, max_new_tokens=5, batch_size=3,
+                          return_ids=True)
+    assert texts == tok.batch_decode(ids, skip_special_tokens=True)
+    assert texts[0] == generate(llama, prompts[:1], "plain", max_new_tokens=5)[0]
+    assert texts[1] == generate(llama, prompts[1:2], "plain", ablate=r, max_new_tokens=5)[0]
+    assert texts[2] == generate(llama, prompts[2:3], "plain", add={1: v}, max_new_tokens=5)[0]
+    assert texts[3] == generate(llama, prompts[3:], "plain", max_new_tokens=5)[0]
+    got = generate_conditions(llama, {"none": (prompts[:2], {}), "ablated": (prompts[1:3], {"ablate": r}),
+                                      "added": (prompts[2:], {"add": {1: v}})}, "plain", max_new_tokens=5,
+                              batch_size=4)
+    assert list(got) == ["none", "ablated", "added"]
+    assert got["none"][0] == generate(llama, prompts[:2], "plain", max_new_tokens=5)
+    assert got["ablated"] == generate(llama, prompts[1:3], "plain", ablate=r, max_new_tokens=5, return_ids=True)
+    assert got["added"][0] == generate(llama, prompts[2:], "plain", add={1: v}, max_new_tokens=5)
+    with pytest.raises(ParameterError, match="unknown edit"):
+        generate_conditions(llama, {"x": (prompts[:1], {"steer": v})}, "plain")
+
+
+def test_reply_nll_matches_full_forwards(tiny_models):
+    for family in ("llama", "gemma3"):
+        model = tiny_models[family]
+        tok = model.tokenizer
+        prompts = format_instructions(tok, HARMFUL, "plain")
+        g = torch.Generator().manual_seed(0)
+        sets = [[torch.randint(4, len(tok), (k,), generator=g).tolist() for k in (5, 0, 1)],
+                [torch.randint(4, len(tok), (k,), generator=g).tolist() for k in (2, 7, 3)]]
+        got = reply_nll(model, prompts, sets, "plain", max_rows=2)
+        for (s, c), replies in zip(got, sets):
+            assert c.tolist() == [len(r) for r in replies]
+            for i, (p, r) in enumerate(zip(prompts, replies)):
+                ids = tok(p)["input_ids"]
+                full = torch.tensor([ids + r])
+                lp = model._model(input_ids=full).logits[0].float().log_softmax(-1)
+                ref = -sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(r))
+                assert float(s[i]) == pytest.approx(ref, abs=1e-3), (family, i)
+        with pytest.raises(ParameterError, match="reply set 0 has 1 replies for 3 prompts"):
+            reply_nll(model, prompts, [[[5]]], "plain")
+
+
+@pytest.mark.parametrize("method", ["lora", "layers"])
+def test_finetune_keeps_an_earlier_step(tiny_dirs, method):
+    """keep_step=k then training on: the model keeps the weights of a k-step fine-tune, and on_step
+    saw every step with the model as it was then."""
+    from lmbook.core.models import load_model
+    from lmbook.mechanisms.training import finetune, reply_loss
+
+    pairs = [("the capital of italy is", " rome"), ("the eiffel tower is in", " paris"),
+             ("michael jordan plays", " basketball"), ("she speaks", " french")]
+    fresh = lambda: load_model(str(tiny_dirs["llama"]), dtype=torch.float32)  # noqa: E731
+    short, long_ = fresh(), fresh()
+    kw = dict(method=method, layers=[1, 2], batch_size=2, lr=5e-2, seed=1, progress=False)
+    finetune(short, pairs, steps=3, **kw)
+    seen = []
+    res = finetune(long_, pairs, steps=6, keep_step=3, on_step=lambda s: seen.append((s, reply_loss(long_, pairs))),
+                   **kw)
+    assert [s for s, _ in seen] == [1, 2, 3, 4, 5, 6] and len(res.losses) == 6
+    assert seen[-1][1] < seen[2][1], "training went on after the kept step"
+    for a, b in zip(short._model.parameters(), long_._model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    untouched = fresh()
+    finetune(untouched, pairs, steps=2, keep_step=0, **kw)
+    for a, b in zip(untouched._model.parameters(), fresh()._model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    with pytest.raises(ParameterError, match="keep_step"):
+        finetune(fresh(), pairs, steps=2, keep_step=3, **kw)
+
+
+def test_sampled_replies_are_seeded(llama):
+    prompts = format_instructions(llama.tokenizer, HARMFUL, "plain")
+    a = generate(llama, prompts, "plain", max_new_tokens=6, sample=True, seed=4, batch_size=2)
+    assert a == generate(llama, prompts, "plain", max_new_tokens=6, sample=True, seed=4, batch_size=2)
+    others = [generate(llama, prompts, "plain", max_new_tokens=6, sample=True, seed=s) for s in (5, 6)]
+    assert any(o != a for o in others), "a different seed draws different replies"

@@ -122,3 +122,11 @@ def test_start_token_where_the_tokenizer_adds_no_bos():
     assert b.input_ids[:, 0].tolist() == [no_bos.bos_token_id] * 2
     assert b.offsets[0][0] == (0, 0) and token_span(b, 0, "city") == (2, 3)
     assert encode(no_bos, ["the city of"]).input_ids[0, 0] != no_bos.bos_token_id
+
+
+def test_the_text_prefix_of_chapters_6_and_7_follows_the_start_token_rule():
+    from lmbook.data.tasks import prompt_prefix
+
+    with_bos, no_bos = _tokenizer_with("<pad>"), _tokenizer_with("<pad>", bos_first=False)
+    assert start_token_id(with_bos) is None and prompt_prefix(with_bos) == ""
+    assert start_token_id(no_bos) is not None and prompt_prefix(no_bos) == "\n"

@@ -137,6 +137,33 @@ def test_one_adamw_step_equals_the_hand_computed_step(max_grad_norm):
     assert w.grad is None
 
 
+def test_adamw_loop_follows_the_learning_rate_schedule():
+    """The first AdamW step moves each weight by lr (sign of the gradient); with a schedule, by lr * factor(0)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    adamw_loop([w], [[0]], lambda rows: (w ** 2).sum(), lr=0.1, lr_factor=lambda i: 0.25, progress=False)
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0 - 0.025, -2.0 + 0.025]))
+    factors = []
+    v = torch.nn.Parameter(torch.tensor([1.0]))
+    adamw_loop([v], [[0]] * 4, lambda rows: (v ** 2).sum(), lr=0.1, lr_factor=lambda i: factors.append(i) or 1.0,
+               progress=False)
+    assert factors == [0, 1, 2, 3]  # asked once per step, counting from 0
+
+
+def test_mixed_precision_training_and_caching_stay_close_to_float32(llama):
+    """bf16=True: the cached lower states are close to float32's, and training still lowers the loss."""
+    train = encode_texts(llama, TEXTS)
+    k = 1
+    n_frozen = llama.num_layers - k
+    st32, st16 = prefix_states(llama, train, n_frozen), prefix_states(llama, train, n_frozen, bf16=True)
+    assert st16.dtype == torch.float32 and (st16 - st32).abs().max() < 0.1 * st32.abs().max()
+    before = float(cached_nll(llama, train, st32, n_frozen).sum())
+    with restore_after(top_layer_parameters(llama, k)):
+        losses = train_top_layers(llama, train, st16, n_train_layers=k, lr=1e-2, epochs=3, batch_size=2, warmup=1,
+                                  schedule="cosine", bf16=True, progress=False)
+        after = float(cached_nll(llama, train, st32, n_frozen).sum())
+    assert len(losses) == 6 and after < before
+
+
 def test_one_top_layer_step_equals_a_step_on_the_full_model(fresh):
     """Training on cached lower-block states takes the step that training the full model would."""
     model = fresh()

@@ -299,3 +299,72 @@ def bootstrap_stat(x, stat: Callable[[np.ndarray], float], n_boot: int = 1000, s
     a = (1 - level) / 2
     lo, hi = np.nanquantile(boots, [a, 1 - a])
     return Estimate(value, min(float(lo), value), max(float(hi), value))
+
+
+# --- What the book finds: one verdict per chapter, pasted into the introduction's table -----------------------
+
+VERDICT = ("reproduced", "partly", "not", "no_data")
+VERDICT_TEXT = {"reproduced": "reproduced", "partly": "partly", "not": "not reproduced", "no_data": "not tested"}
+FINDING_KEYS = ("finding_verdict", "finding_basis", "finding_measured", "finding_compare")
+UNTESTED = ("no_data",)
+
+
+def paper_verdict(claims: Mapping[str, Mapping], agree: Mapping[str, Any],
+                  untested: tuple = UNTESTED) -> tuple[str, int, int, int]:
+    """Whether a chapter reproduced its paper, from the outcomes of the claims that test the paper's finding.
+
+    ``claims`` is a chapter's ``results["claims"]`` (:func:`record_claim`); ``agree`` maps each claim that tests
+    the paper to the outcome (or tuple of outcomes) that agrees with what the paper reports, e.g.
+    ``{"claim_lens_vs_paper": "as_paper", "claim_topic_effect": "greater"}``. A claim whose outcome is in
+    ``untested`` (by default ``"no_data"``) could not be tested by this run. Returns ``(verdict, agreeing,
+    tested, listed)``: ``"reproduced"`` when every listed claim agrees, ``"partly"`` when some do, ``"not"``
+    when none does although some were tested, ``"no_data"`` when none could be tested. A claim that is not
+    recorded, or an outcome that the claim cannot have (no sentence for it), is an error naming it.
+    """
+    if not isinstance(agree, Mapping) or not agree:
+        raise ClaimError("agree: give {claim name: outcome agreeing with the paper} for at least one claim")
+    n_agree = n_tested = 0
+    for name, outcomes in agree.items():
+        if name not in claims:
+            raise ClaimError(f"finding: claim {name!r} is not recorded; recorded claims: {sorted(claims)}")
+        outcomes = (outcomes,) if isinstance(outcomes, str) else tuple(outcomes)
+        possible = set(claims[name].get("sentences", {}))
+        bad = [o for o in outcomes if o not in possible]
+        if not outcomes or bad:
+            raise ClaimError(f"finding: claim {name!r} has no outcome {bad or outcomes!r}; "
+                             f"its outcomes are {sorted(possible)}")
+        outcome = claims[name]["outcome"]
+        if outcome in untested:
+            continue
+        n_tested += 1
+        n_agree += outcome in outcomes
+    n = len(agree)
+    verdict = ("no_data" if n_tested == 0 else "reproduced" if n_agree == n else "partly" if n_agree
+               else "not")
+    return verdict, n_agree, n_tested, n
+
+
+def record_finding(rec, agree: Mapping[str, Any], measured: str, compare: str,
+                   untested: tuple = UNTESTED) -> str:
+    """Record and glue a chapter's row of the introduction's table "What the book finds"; returns the verdict.
+
+    ``agree`` and ``untested`` are :func:`paper_verdict`'s, applied to the claims ``rec`` holds (call this after
+    the chapter's claims). ``measured`` is one line, computed from this run's results, on what the chapter
+    measured on its ``MODEL`` (name the model in it); ``compare`` the same for the other packaged model (or
+    says that this run did not measure it). Glues ``finding_verdict`` (reproduced / partly / not reproduced /
+    not tested), ``finding_basis`` (how many of the paper's checks agree), ``finding_measured`` and
+    ``finding_compare``; records all of it under ``results["finding"]``.
+    """
+    for key, text in (("measured", measured), ("compare", compare)):
+        if not isinstance(text, str) or not text.strip():
+            raise ClaimError(f"finding: {key}={text!r} must be a non-empty sentence")
+    verdict, k, tested, n = paper_verdict(rec.results.get("claims", {}), agree, untested)
+    basis = f"{k} of {n} checks agree with the paper" + (f", {n - tested} not testable here" if tested < n else "")
+    rec.record("finding", {"verdict": verdict, "agree": {c: rec.results["claims"][c]["outcome"] for c in agree},
+                           "agreeing": k, "tested": tested, "checks": n}, glue=False)
+    for key, text in zip(FINDING_KEYS, (VERDICT_TEXT[verdict], basis, measured, compare)):
+        rec.record(key, text)
+    return verdict
+
+
+__all__ += ["VERDICT", "VERDICT_TEXT", "FINDING_KEYS", "paper_verdict", "record_finding"]

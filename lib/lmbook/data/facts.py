@@ -18,8 +18,8 @@ import torch
 from lmbook.core import tokens
 from lmbook.core.params import ParameterError, check_file, read_jsonl
 
-__all__ = ["Fact", "load_facts", "load_descriptions", "answer_token_ids", "STOPWORDS", "related_token_sets",
-           "word_pieces"]
+__all__ = ["Fact", "load_facts", "load_descriptions", "first_words", "answer_token_ids", "STOPWORDS",
+           "related_token_sets", "word_pieces"]
 
 FACT_FIELDS = {"id": str, "relation": str, "subject": str, "template": str, "prompt": str, "attribute": str}
 
@@ -94,6 +94,15 @@ def load_descriptions(path: str | Path = "data/facts/subjects.jsonl",
     if not out:
         raise ParameterError(f"{name} {path}: the file holds no descriptions")
     return out
+
+
+def first_words(descriptions: dict[str, str], n_words: int) -> dict[str, str]:
+    """Each description cut to its first ``n_words`` words (split on white space). Chapter 2 builds the
+    related-word sets from cut descriptions to show how the attributes rate grows with their length."""
+    from lmbook.core.params import check_int
+
+    check_int("n_words", n_words, 1)
+    return {s: " ".join(d.split()[:n_words]) for s, d in descriptions.items()}
 
 
 def answer_token_ids(model, facts: Sequence[Fact]) -> torch.Tensor:

@@ -178,17 +178,21 @@ def split_task(task: Task, n_val: int, n_test: int, min_demos: int, seed: int = 
 
 
 def prompt_prefix(model_or_tokenizer) -> str:
-    """``""`` when the tokenizer starts every prompt with a beginning-of-sequence token (Gemma),
-    else ``"\n"`` (SmolLM2), so that the first input word never sits at position 0.
+    """The book's start-token rule (:func:`lmbook.core.tokens.start_token_id`) in text form, for
+    prompts built as text: ``""`` when the tokenizer starts every prompt with its own BOS token
+    (Gemma; ``start_token_id`` is ``None``), else ``"\n"`` (SmolLM2), so that the first input word
+    never sits at position 0.
 
     The first position of a causal model is special (every head can attend to it; its residual
     stream grows huge, the "attention sink"), and a zero-shot prompt ``"fast →"`` is only two or
-    three tokens. Chapter 6's ``PREFIX`` parameter overrides the choice (``PREFIX=""`` runs
-    without it).
+    three tokens. Chapter 2 puts the start token itself first (``encode(..., start=True)``);
+    chapters 6 and 7 build their prompts as text and keep this newline (their ``PREFIX`` parameter
+    overrides it; ``PREFIX=""`` runs without it). Whether a prompt needs a start at all is decided
+    in one place, :func:`~lmbook.core.tokens.start_token_id`.
     """
-    from lmbook.core.tokens import adds_bos
+    from lmbook.core.tokens import start_token_id
 
-    return "" if adds_bos(model_or_tokenizer) else "\n"
+    return "" if start_token_id(model_or_tokenizer) is None else "\n"
 
 
 def zero_shot_prompt(query: str, prefix: str = "") -> str:

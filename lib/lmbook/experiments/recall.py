@@ -6,19 +6,23 @@ The chapter runs each protocol with one call per model, each returning a small d
 * :func:`known_mask` / :func:`sample_known` / :func:`known_by_relation`: the facts a model knows
   (its top-1 next token is the attribute's first token) and the seeded sample the experiments use;
 * :func:`run_knockout` -> :class:`KnockoutRun`: the attribute's probability when the last position
-  cannot read the subject, the other tokens, or itself in a window of layers
-  (:mod:`lmbook.mechanisms.knockout`);
-* :func:`run_enrichment` -> :class:`EnrichmentRun`: the **attributes rate** by layer and position.
-  Of the top-``k`` tokens read from a hidden state with the logit lens
-  (:func:`lmbook.mechanisms.readout.logit_lens`), after dropping stop words and tokens of two
-  characters or fewer, the fraction that are related to the subject
-  (:func:`lmbook.data.facts.related_token_sets`), minus the words of the attribute asked for;
+  cannot read the subject, the other tokens, or itself in a window of layers (by default the paper's
+  share of the depth, :func:`knockout_window`), with the start token first and never blocked
+  (:mod:`lmbook.mechanisms.knockout`); :func:`sink_share` compares it with a run without the start token;
+* :func:`run_enrichment` -> :class:`EnrichmentRun`: the **attributes rate** by layer and position, as
+  Geva et al.'s code computes it: of the top :data:`POOL` tokens read from a hidden state with the
+  logit lens (:func:`lmbook.mechanisms.readout.logit_lens`), stop words and tokens of two characters or
+  fewer are dropped, the first :data:`KEEP` are kept, and the number of them related to the subject
+  (:func:`lmbook.data.facts.related_token_sets`, minus the words of the attribute asked for) is
+  divided by :data:`KEEP`;
 * :func:`run_sublayer_knockout` -> :class:`SublayerRun`: the same rate at the subject's last token of
   a late layer when the MLP or attention updates of a window of earlier layers are cancelled;
 * :func:`run_extraction` -> :class:`ExtractionRun`: at the last position, whether the update an
   attention or MLP sublayer adds to the residual stream, projected by the unembedding, has the
-  predicted attribute as its top token (clean, and with the last position's attention to the
-  subject blocked);
+  predicted attribute as its top token (clean, and the attention update recomputed with the last
+  position's weights on the subject zeroed at that layer only, as in Geva et al.'s code; the book's
+  earlier propagated measure is kept as a labelled variant);
+* :func:`paper_items`: chapter 2's table of protocol items, the paper's value beside this run's;
 * :func:`paper_comparison`: for each of the paper's findings (:data:`PAPER_FINDINGS`), this run's outcome against the
   paper's (a claim's outcome, :mod:`lmbook.core.claims`) with the estimates it rests on, each with a 95% bootstrap
   interval over facts (:func:`lmbook.core.claims.bootstrap_stat`; the dataclasses' ``dip_layers``, ``peak_gap``,
@@ -46,30 +50,41 @@ from lmbook.data.facts import STOPWORDS, Fact, answer_token_ids, related_token_s
 from lmbook.mechanisms.knockout import (
     KINDS,
     POSITIONS,
+    WINDOW_FRACTION,
     FactGroup,
     group_facts,
     key_masks,
     last_token_run,
     position_index,
+    relative_window,
+    same_layer_blocked,
     sweep_facts,
 )
-from lmbook.mechanisms.readout import logit_lens, top1_matches
+from lmbook.mechanisms.readout import logit_lens, next_token, unembed
 from lmbook.mechanisms.sublayers import sublayer_updates
 
-__all__ = ["known_mask", "sample_known", "known_by_relation", "KnockoutRun", "run_knockout", "EnrichmentRun",
-           "run_enrichment", "SublayerRun", "run_sublayer_knockout", "sublayer_knockout_topk", "ExtractionRun",
-           "run_extraction", "extraction_events", "extraction_facts", "attributes_rate", "TokenText",
-           "PAPER_FINDINGS", "PAPER_ROWS", "paper_comparison"]
+__all__ = ["known_mask", "sample_known", "known_by_relation", "KnockoutRun", "run_knockout", "knockout_window",
+           "sink_share", "EnrichmentRun", "run_enrichment", "SublayerRun", "run_sublayer_knockout",
+           "sublayer_knockout_topk", "ExtractionRun", "run_extraction", "extraction_events", "extraction_facts",
+           "same_layer_events", "attributes_rate", "attributes_rates", "TokenText", "POOL", "KEEP",
+           "PAPER_FINDINGS", "PAPER_ROWS", "paper_comparison", "PAPER_ITEMS", "paper_items"]
 
 
 # ---------------------------------------------------------------- which facts a model knows
 
 
-def known_mask(model, facts: Sequence[Fact], batch_size: int = 64) -> torch.Tensor:
-    """Which facts the model knows: its top-1 next token after the prompt is the attribute's first
-    token. Returns a bool tensor ``[N]``. Chapter 2 dissects only these facts; chapter 3 measures
-    knowledge before and after further pretraining with it."""
-    return top1_matches(model, [f.prompt for f in facts], answer_token_ids(model, facts), batch_size)
+def known_mask(model, facts: Sequence[Fact], batch_size: int = 64, start: bool = True) -> torch.Tensor:
+    """Which facts the model knows: its top-1 next token after the prompt (encoded with the start
+    token first, :func:`lmbook.core.tokens.encode`, unless ``start=False``) is the attribute's first
+    token. Returns a bool tensor ``[N]``. Chapter 2 dissects only these facts."""
+    check_int("batch_size", batch_size, 1)
+    targets = answer_token_ids(model, facts)
+    order = sorted(range(len(facts)), key=lambda i: len(facts[i].prompt))
+    top1 = torch.empty(len(facts), dtype=torch.long)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        top1[idx] = next_token(model, encode(model, [facts[i].prompt for i in idx], start=start)).top1[0]
+    return top1 == targets
 
 
 def sample_known(known: dict[str, torch.Tensor], max_facts: int, seed: int = 0) -> dict[str, list[int]]:
@@ -114,11 +129,13 @@ class KnockoutRun:
       on each layer
     * ``clean``: ``[F]`` the attribute's probability without knockout
     * ``window``: the window size (layers)
+    * ``start``: whether the prompts began with the start token (never blocked), as by default
     """
 
     changes: dict[str, np.ndarray]
     clean: np.ndarray
     window: int
+    start: bool = True
 
     @property
     def n_layers(self) -> int:
@@ -151,16 +168,52 @@ class KnockoutRun:
         return bootstrap_stat(self.changes[kind][:, layer], np.mean, n_boot, seed)
 
 
-def run_knockout(model, facts: Sequence[Fact], window: int = 9, progress: bool = True) -> KnockoutRun:
+def knockout_window(model, window: int = 0, fraction: float = WINDOW_FRACTION) -> int:
+    """The knockout window for ``model``: ``window`` layers when it is positive, else the paper's relative
+    depth (:func:`lmbook.mechanisms.knockout.relative_window`: ``fraction`` of the layers, odd, at least 3)."""
+    check_int("WINDOW", window, 0, model.num_layers)
+    return window if window > 0 else relative_window(model.num_layers, fraction)
+
+
+def run_knockout(model, facts: Sequence[Fact], window: int = 0, progress: bool = True, start: bool = True,
+                 fraction: float = WINDOW_FRACTION) -> KnockoutRun:
     """Geva et al.'s attention knockout: every kind (:data:`~lmbook.mechanisms.knockout.KINDS`) in a
-    ``window``-layer window around every layer, for every fact, batched by
-    :func:`lmbook.mechanisms.knockout.sweep_facts`."""
+    window of layers around every layer, for every fact, batched by
+    :func:`lmbook.mechanisms.knockout.sweep_facts`. ``window``: layers, or 0 for the paper's relative
+    depth (:func:`knockout_window`). ``start=False`` encodes the prompts without the start token
+    (the variant chapter 2 shows: where the tokenizer adds no BOS, position 0 is then a word of the
+    prompt, which the knockouts may block)."""
+    window = knockout_window(model, window, fraction)
     prompts, subjects = _prompts_subjects(facts)
-    probs = sweep_facts(model, prompts, subjects, answer_token_ids(model, facts), window=window, progress=progress)
+    probs = sweep_facts(model, prompts, subjects, answer_token_ids(model, facts), window=window, progress=progress,
+                        start=start)
     L = model.num_layers
     changes = {kind: ((probs[:, 1 + k * L:1 + (k + 1) * L] / probs[:, :1]) - 1).numpy() * 100
                for k, kind in enumerate(KINDS)}
-    return KnockoutRun(changes, probs[:, 0].numpy(), window)
+    return KnockoutRun(changes, probs[:, 0].numpy(), window, start)
+
+
+def sink_share(fixed: KnockoutRun, bare: KnockoutRun, kind: str = "subject", n_boot: int = 1000,
+               seed: int = 0) -> dict[str, Estimate]:
+    """How much of the knockout effect measured without the start token (``bare``) the start token
+    removes (``fixed``; the same facts in the same order): ``"bare"`` and ``"fixed"``, each curve's
+    largest mean drop (%, at its own layer), and ``"share"``, ``1 - fixed / bare`` (the share of the bare
+    drop that was the attention sink, when position 0 was a word the knockout blocked), each with a 95%
+    bootstrap interval over facts (the same resampled facts for both runs)."""
+    if kind not in KINDS:
+        raise ParameterError(f"unknown knockout kind {kind!r}; valid: {list(KINDS)}")
+    a, b = fixed.changes[kind], bare.changes[kind]
+    if a.shape != b.shape:
+        raise ParameterError(f"the two runs must cover the same facts and layers, got {a.shape} and {b.shape}")
+    both = np.stack([a, b], 1)  # [F, 2, L]
+
+    def share(c):
+        lo_b = c[:, 1].mean(0).min()
+        return 1 - c[:, 0].mean(0).min() / lo_b if lo_b < 0 else math.nan
+
+    return {"fixed": bootstrap_stat(both, lambda c: c[:, 0].mean(0).min(), n_boot, seed),
+            "bare": bootstrap_stat(both, lambda c: c[:, 1].mean(0).min(), n_boot, seed),
+            "share": bootstrap_stat(both, share, n_boot, seed)}
 
 
 # ---------------------------------------------------------------- attributes rate
@@ -178,16 +231,55 @@ class TokenText:
             self.cache[i] = self.tok.decode([i]).strip().lower()
         return self.cache[i]
 
+    def content(self, i: int) -> bool:
+        """Whether token ``i`` is a content token: not a stop word, longer than two characters."""
+        t = self(i)
+        return len(t) > 2 and t not in STOPWORDS
 
-def attributes_rate(ids: torch.Tensor, related: frozenset[str], text: TokenText) -> float:
-    """Attributes rate of one top-``k`` list ``ids`` ``[k]``: the share of its content tokens
-    (not stop words, longer than two characters) whose text is in ``related``; 0 when the list
-    holds no content token."""
-    words = [text(int(i)) for i in ids]
-    content = [w for w in words if len(w) > 2 and w not in STOPWORDS]
-    if not content:
-        return 0.0
-    return sum(w in related for w in content) / len(content)
+
+POOL = 500
+"""Tokens read per projection in the attributes rate (Geva et al.'s reference: the top 500)."""
+KEEP = 50
+"""Content tokens kept of those (the first 50 that are no stop word and longer than two characters)."""
+
+
+def _kept(ids: np.ndarray, text: TokenText, keep: int) -> np.ndarray:
+    """Bool mask of ``ids`` ``[..., pool]`` (best first): the first ``keep`` content tokens of each list
+    (not stop words, longer than two characters once stripped)."""
+    uniq, inv = np.unique(ids, return_inverse=True)
+    content = np.array([text.content(int(i)) for i in uniq], dtype=bool)[inv.reshape(ids.shape)]
+    return content & (np.cumsum(content, axis=-1) <= keep)
+
+
+def _rates_kept(ids: np.ndarray, kept: np.ndarray, related: frozenset[str], text: TokenText, keep: int) -> np.ndarray:
+    """Rates of the lists ``ids`` given their kept tokens: related kept tokens divided by ``keep``."""
+    good = [i for i in np.unique(ids[kept]) if text(int(i)) in related]
+    return (kept & np.isin(ids, good)).sum(-1) / keep
+
+
+def attributes_rates(ids, related: Sequence[frozenset[str]], text: TokenText, keep: int = KEEP) -> np.ndarray:
+    """Geva et al.'s attributes rate, vectorised: ``ids`` ``[F, ..., pool]`` top token ids per projection
+    (best first), ``related[f]`` the related words of fact ``f``. Of each list, the first ``keep`` content
+    tokens (not stop words, longer than two characters once stripped) are kept, and the rate is the
+    number of them whose text is in ``related`` divided by ``keep``, as the reference computes it
+    (a list with fewer content tokens is not rescaled). Returns ``[F, ...]`` fractions."""
+    ids = np.asarray(ids)
+    check_int("keep", keep, 1)
+    if len(related) != len(ids):
+        raise ParameterError(f"{len(ids)} facts of ids but {len(related)} related-word sets")
+    out = np.zeros(ids.shape[:-1])
+    for f in range(len(ids)):
+        out[f] = _rates_kept(ids[f], _kept(ids[f], text, keep), related[f], text, keep)
+    return out
+
+
+def attributes_rate(ids: torch.Tensor, related: frozenset[str], text: TokenText, keep: int = KEEP) -> float:
+    """Attributes rate of one top-token list ``ids`` ``[pool]`` (:func:`attributes_rates` for one list)."""
+    return float(attributes_rates(np.asarray(ids)[None], [related], text, keep)[0])
+
+
+def _vocab_size(model) -> int:
+    return int(model.lm_head._module.weight.shape[0])
 
 
 def _other_attributes(model, facts: Sequence[Fact], descriptions: dict[str, str]) -> list[frozenset[str]]:
@@ -198,8 +290,8 @@ def _other_attributes(model, facts: Sequence[Fact], descriptions: dict[str, str]
 
 
 def _subject_batch(model, facts: Sequence[Fact]) -> tuple[Batch, torch.Tensor]:
-    """The facts' prompts encoded, and each subject's token span ``[B, 2]``."""
-    b = encode(model, [f.prompt for f in facts])
+    """The facts' prompts encoded with the start token first, and each subject's token span ``[B, 2]``."""
+    b = encode(model, [f.prompt for f in facts], start=True)
     return b, torch.tensor([token_span(b, i, f.subject) for i, f in enumerate(facts)])
 
 
@@ -207,10 +299,14 @@ def _subject_batch(model, facts: Sequence[Fact]) -> tuple[Batch, torch.Tensor]:
 class EnrichmentRun:
     """Attributes rate by layer (:func:`run_enrichment`): ``rates`` ``[F, L, 4]`` (fractions, NaN
     where a fact has no such position) at the positions :data:`~lmbook.mechanisms.knockout.POSITIONS`;
-    ``top_k``: tokens read per projection."""
+    ``top_k``: content tokens kept per projection (of the top ``pool``); ``variants``: the same rates
+    with other related-word sets, ``{label: [F, L, 4]}`` (chapter 2: descriptions cut to their first
+    words), read from the same projections."""
 
     rates: np.ndarray
     top_k: int
+    pool: int = POOL
+    variants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def curve(self, position: str) -> np.ndarray:
         """Mean rate (%) over facts by layer at ``position``, ``[L]``."""
@@ -232,26 +328,55 @@ class EnrichmentRun:
         return bootstrap_stat(self.rates, lambda r: (np.nanmax(np.nanmean(r[:, :, a], 0))
                                                      - np.nanmax(np.nanmean(r[:, :, b], 0))) * 100, n_boot, seed)
 
+    def peak_estimate(self, position: str = "subject last", variant: str | None = None, n_boot: int = 1000,
+                      seed: int = 0) -> Estimate:
+        """The peak mean rate (%) at ``position`` (of ``variant``'s rates, or the main ones), with a 95%
+        bootstrap interval over facts."""
+        r = self.rates if variant is None else self.variants[variant]
+        i = POSITIONS.index(position)
+        return bootstrap_stat(r[:, :, i], lambda x: np.nanmax(np.nanmean(x, 0)) * 100, n_boot, seed)
 
-def run_enrichment(model, facts: Sequence[Fact], descriptions: dict[str, str], top_k: int = 50,
-                   batch_size: int = 16) -> EnrichmentRun:
+    def variant_gap(self, variant: str, other: str, position: str = "subject last", n_boot: int = 1000,
+                    seed: int = 0) -> Estimate:
+        """Peak mean rate (%) at ``position`` with ``variant``'s related words minus that with ``other``'s
+        (``None``: the main set), from the same resampled facts; a 95% bootstrap interval over facts."""
+        i = POSITIONS.index(position)
+        ra = self.rates if variant is None else self.variants[variant]
+        rb = self.rates if other is None else self.variants[other]
+        both = np.stack([ra[:, :, i], rb[:, :, i]], 1)
+        return bootstrap_stat(both, lambda x: (np.nanmax(np.nanmean(x[:, 0], 0))
+                                               - np.nanmax(np.nanmean(x[:, 1], 0))) * 100, n_boot, seed)
+
+
+def run_enrichment(model, facts: Sequence[Fact], descriptions: dict[str, str], top_k: int = KEEP,
+                   batch_size: int = 16, pool: int = POOL, variants: dict[str, dict[str, str]] | None = None
+                   ) -> EnrichmentRun:
     """Geva et al.'s attributes rate of the residual stream after every layer, at the subject's
     first and last tokens, the token after the subject and the last token: one logit-lens forward
-    per ``batch_size`` facts."""
+    per ``batch_size`` facts, reading the top ``pool`` tokens of each projection and keeping the first
+    ``top_k`` content tokens (:func:`attributes_rates`). ``variants``: other descriptions
+    (``{label: {subject: description}}``) scored on the same projections."""
     check_int("TOP_K", top_k, 1, 1000)
-    related = _other_attributes(model, facts, descriptions)
+    check_int("pool", pool, top_k, 1000)
+    pool = min(pool, _vocab_size(model))
+    sets = {None: _other_attributes(model, facts, descriptions)}
+    for label, d in (variants or {}).items():
+        sets[label] = _other_attributes(model, facts, d)
     text = TokenText(model)
-    rates = np.full((len(facts), model.num_layers, len(POSITIONS)), np.nan)
+    out = {label: np.full((len(facts), model.num_layers, len(POSITIONS)), np.nan) for label in sets}
     for s in range(0, len(facts), batch_size):
         b, spans = _subject_batch(model, facts[s:s + batch_size])
         pos = position_index(b, spans)
-        ids = logit_lens(model, b, positions=pos, k=top_k).top_ids  # [L, B, P, k]
+        ids = logit_lens(model, b, positions=pos, k=pool).top_ids.permute(1, 0, 2, 3).numpy()  # [B, L, P, pool]
+        missing = (pos < 0).numpy()[:, None, :].repeat(ids.shape[1], 1)  # [B, L, P]
         for i in range(len(b)):
-            for p in range(len(POSITIONS)):
-                if pos[i, p] >= 0:
-                    rates[s + i, :, p] = [attributes_rate(ids[layer, i, p], related[s + i], text)
-                                          for layer in range(model.num_layers)]
-    return EnrichmentRun(rates, top_k)
+            kept = _kept(ids[i], text, top_k)  # the same kept tokens for every set of related words
+            for label, rel in sets.items():
+                out[label][s + i] = _rates_kept(ids[i], kept, rel[s + i], text, top_k)
+        for r in out.values():
+            r[s:s + len(b)][missing] = np.nan
+    main = out.pop(None)
+    return EnrichmentRun(main, top_k, pool, out)
 
 
 # ---------------------------------------------------------------- which sublayers enrich the subject
@@ -332,19 +457,19 @@ class SublayerRun:
 
 
 def run_sublayer_knockout(model, facts: Sequence[Fact], descriptions: dict[str, str], depth: float = 0.83,
-                          window: int = 5, top_k: int = 50, batch_size: int = 8) -> SublayerRun:
+                          window: int = 5, top_k: int = KEEP, batch_size: int = 8, pool: int = POOL) -> SublayerRun:
     """Geva et al.'s sublayer knockout (:func:`sublayer_knockout_topk`), reading the subject's last
-    token after the layer at relative ``depth`` (the paper: layer 40 of GPT-2 XL's 48)."""
+    token after the layer at relative ``depth`` (the paper: layer 40 of GPT-2 XL's 48); the rate keeps
+    the first ``top_k`` content tokens of the top ``pool`` (:func:`attributes_rates`)."""
     read_layer = max(1, int(round(depth * (model.num_layers - 1))))
     related = _other_attributes(model, facts, descriptions)
     text = TokenText(model)
     rows, starts = [], []
     for s in range(0, len(facts), batch_size):
         b, spans = _subject_batch(model, facts[s:s + batch_size])
-        ids, starts = sublayer_knockout_topk(model, b, spans, read_layer, window, k=top_k)
-        for i in range(len(b)):
-            rows.append([attributes_rate(ids[i, r], related[s + i], text) for r in range(ids.shape[1])])
-    rows = np.array(rows) * 100
+        ids, starts = sublayer_knockout_topk(model, b, spans, read_layer, window, k=min(pool, _vocab_size(model)))
+        rows.append(attributes_rates(ids.numpy(), related[s:s + len(b)], text, top_k))
+    rows = np.concatenate(rows) * 100
     S = len(starts)
     return SublayerRun(read_layer, starts, window, rows[:, 0], rows[:, 1:1 + S], rows[:, 1 + S:1 + 2 * S])
 
@@ -353,17 +478,19 @@ def run_sublayer_knockout(model, facts: Sequence[Fact], descriptions: dict[str, 
 
 
 def extraction_events(model, group: FactGroup, predicted: torch.Tensor, block_subject: bool = True) -> torch.Tensor:
-    """Whether each layer's attention and MLP update at the last position, projected by the
-    unembedding (no final norm, as Geva et al. project with the embedding matrix), has the
-    predicted token as its top-1: ``[F, V, L, 2]`` booleans, ``V`` = 1 (clean) or 2 (clean, and with
-    the last position's attention to the subject blocked at every layer), last axis = (attention, MLP).
+    """The **propagated** variant of the extraction test (the book's earlier measure, not the paper's):
+    whether each layer's attention and MLP update at the last position, projected by the unembedding,
+    has the predicted token as its top-1, ``[F, V, L, 2]`` booleans, ``V`` = 1 (clean) or 2 (clean, and
+    with the last position's attention to the subject blocked at *every* layer, so that a block at one
+    layer changes what later layers read), last axis = (attention, MLP). Geva et al.'s measure blocks at
+    one layer only: :func:`extraction_facts`.
     """
     F, n = len(group.index), group.length
     R = 2 if block_subject else 1
     keep = torch.ones(F, R, n)
     if block_subject:
         for f in range(F):
-            keep[f, 1, key_masks(n, tuple(group.spans[f].tolist()), False)["subject"]] = 0.0
+            keep[f, 1, key_masks(n, tuple(group.spans[f].tolist()), True)["subject"]] = 0.0
     active = torch.zeros(model.num_layers, F * R, dtype=torch.bool)
     active[:, 1::R] = block_subject
 
@@ -376,43 +503,77 @@ def extraction_events(model, group: FactGroup, predicted: torch.Tensor, block_su
     return tops == predicted.view(F, 1, 1, 1)
 
 
+def same_layer_events(model, group: FactGroup, predicted: torch.Tensor) -> torch.Tensor:
+    """Geva et al.'s extraction test at the last position, from one clean forward: whether the attention
+    update, the MLP update, and the attention update recomputed with the last position's weights on the
+    subject zeroed **at that layer only** (:func:`lmbook.mechanisms.knockout.same_layer_blocked`),
+    projected by the unembedding (no final norm, as Geva et al. project with the embedding matrix), have
+    the predicted token as their top-1: ``[F, L, 3]`` booleans (attention, MLP, attention blocked)."""
+    block = torch.zeros(len(group.index), group.length, dtype=torch.bool)
+    for f in range(len(group.index)):
+        block[f] = key_masks(group.length, tuple(group.spans[f].tolist()), True)["subject"]
+    w = same_layer_blocked(model, group.batch, block)
+    parts = torch.stack([w["attention"], w["mlp"], w["blocked"]], -2)  # [L, F, 3, d]
+    L, F, K, d = parts.shape
+    top = unembed(model, parts.reshape(-1, d)).argmax(-1).reshape(L, F, K).permute(1, 0, 2)
+    return top == predicted.view(F, 1, 1)
+
+
 def extraction_facts(model, prompts: Sequence[str], subjects: Sequence[str], predicted: torch.Tensor,
-                     max_group: int = 16, progress: bool = True) -> torch.Tensor:
-    """:func:`extraction_events` over many prompts, grouped by length: ``[N, 2, L, 2]`` booleans
-    (clean / subject blocked; attention / MLP)."""
+                     max_group: int = 16, progress: bool = True, propagated: bool = False) -> torch.Tensor:
+    """The extraction tests over many prompts (start token first), grouped by length: ``[N, L, K]``
+    booleans, ``K`` = 3 (:func:`same_layer_events`: attention, MLP, attention with the subject blocked at
+    that layer), or 5 with ``propagated`` (then also :func:`extraction_events`' attention and MLP updates
+    with the subject blocked at every layer)."""
     from tqdm.auto import tqdm
 
     groups = group_facts(model, prompts, subjects, predicted, max_group)
-    out = torch.zeros(len(prompts), 2, model.num_layers, 2, dtype=torch.bool)
+    out = torch.zeros(len(prompts), model.num_layers, 5 if propagated else 3, dtype=torch.bool)
     for g in tqdm(groups, desc="attribute extraction", disable=not progress):
-        out[g.index] = extraction_events(model, g, g.target)
+        out[g.index, :, :3] = same_layer_events(model, g, g.target)
+        if propagated:
+            out[g.index, :, 3:] = extraction_events(model, g, g.target)[:, 1]
     return out
 
 
-EXTRACTION_KEYS = {"attention": (0, 0), "mlp": (0, 1), "attention_blocked": (1, 0), "mlp_blocked": (1, 1)}
+EXTRACTION_KEYS = {"attention": 0, "mlp": 1, "attention_blocked": 2, "attention_blocked_propagated": 3,
+                   "mlp_blocked_propagated": 4}
+"""Columns of :attr:`ExtractionRun.events`: clean attention and MLP updates, the attention update with the
+subject blocked at the same layer (Geva et al.), and, in the propagated variant only, both updates with the
+subject blocked at every layer."""
 
 
 @dataclasses.dataclass
 class ExtractionRun:
-    """Extraction events (:func:`run_extraction`): ``events`` ``[F, 2, L, 2]`` booleans (clean /
-    last position's attention to the subject blocked; layer; attention / MLP update)."""
+    """Extraction events (:func:`run_extraction`): ``events`` ``[F, L, K]`` booleans, columns
+    :data:`EXTRACTION_KEYS` (``K`` = 3, or 5 with the propagated variant)."""
 
     events: np.ndarray
 
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, i in EXTRACTION_KEYS.items() if i < self.events.shape[-1]]
+
     def any_layer(self, n_boot: int = 1000, seed: int = 0) -> dict[str, tuple[float, float, float]]:
         """Share of facts (%) with an extraction event at any layer, with a 95% bootstrap interval
-        over facts: ``{"attention" | "mlp" | "attention_blocked" | "mlp_blocked": (mean, lo, hi)}``."""
+        over facts: ``{key: (mean, lo, hi)}`` for each of :attr:`keys`."""
         out = {}
-        for key, (v, s) in EXTRACTION_KEYS.items():
-            hit = self.events[:, v, :, s].any(1).astype(float)
+        for key in self.keys:
+            hit = self.hits(key).astype(float)
             mean, lo, hi = bootstrap_ci(hit, n_boot=n_boot, seed=seed)
             out[key] = (float(mean) * 100, float(lo) * 100, float(hi) * 100)
         return out
 
+    def by_layer(self, key: str) -> np.ndarray:
+        """``[F, L]`` booleans: events of ``key`` layer by layer."""
+        return self.events[:, :, EXTRACTION_KEYS[key]]
+
     def hits(self, key: str) -> np.ndarray:
-        """``[F]`` booleans: whether a fact has an extraction event of ``key`` (``EXTRACTION_KEYS``) at any layer."""
-        v, s = EXTRACTION_KEYS[key]
-        return self.events[:, v, :, s].any(1)
+        """``[F]`` booleans: whether a fact has an extraction event of ``key`` (:data:`EXTRACTION_KEYS`) at
+        any layer."""
+        if key not in self.keys:
+            raise ParameterError(f"no extraction events {key!r} in this run; it holds {self.keys}")
+        return self.by_layer(key).any(1)
 
     def difference(self, key: str, other: str, n_boot: int = 1000, seed: int = 0) -> Estimate:
         """Share of facts with an event of ``key`` minus the share with one of ``other`` (the same facts),
@@ -420,11 +581,12 @@ class ExtractionRun:
         return bootstrap_stat(self.hits(key).astype(float) - self.hits(other), np.mean, n_boot, seed)
 
 
-def run_extraction(model, facts: Sequence[Fact], progress: bool = True) -> ExtractionRun:
-    """Geva et al.'s attribute extraction for ``facts``, targets their attributes' first tokens."""
+def run_extraction(model, facts: Sequence[Fact], progress: bool = True, propagated: bool = False) -> ExtractionRun:
+    """Geva et al.'s attribute extraction for ``facts``, targets their attributes' first tokens; with
+    ``propagated`` also the variant that blocks the subject at every layer (:func:`extraction_facts`)."""
     prompts, subjects = _prompts_subjects(facts)
     return ExtractionRun(extraction_facts(model, prompts, subjects, answer_token_ids(model, facts),
-                                          progress=progress).numpy())
+                                          progress=progress, propagated=propagated).numpy())
 
 
 # ---------------------------------------------------------------- side by side with the paper
@@ -533,3 +695,63 @@ def paper_comparison(knockout: KnockoutRun, enrichment: EnrichmentRun, sublayer:
         out["tracing"] = (_both([against_paper(within(v["mlp_depth"], *EARLY_MIDDLE), "inside"),
                                  against_paper(within(v["attention_depth"], EARLY_MIDDLE[1], 1.0), "inside")]), v)
     return out
+
+
+# ---------------------------------------------------------------- the protocol, item by item
+
+
+PAPER_ITEMS = {
+    "start": ("Start token (attention sink) never blocked",
+              "not reported: the paper does not discuss a start token or the attention sink"),
+    "extraction": ("Extraction with the subject blocked at the same layer",
+                   "fewer attention extraction events when the last position cannot read the subject"),
+    "window": ("Knockout window at relative depth; order of the dips",
+               "9 of GPT-2 XL's 48 layers (0.19 of the depth); the non-subject dip before the subject dip"),
+    "tracing": ("Causal tracing with power (ROME)",
+                "about 1000 facts x 10 noise samples; MLP at the last subject token early-middle, "
+                "attention at the last token late"),
+    "rate": ("Attributes rate as the reference computes it",
+             "top 500 tokens, first 50 content tokens, divided by 50; related words from Wikipedia paragraphs "
+             "(the paper's attributes-rate figure for GPT-2 XL and GPT-J)"),
+    "generality": ("Any facts file", "CounterFact"),
+}
+"""The protocol items of chapter 2's comparison table: ``{key: (item, what the paper reports or does)}``."""
+
+
+def paper_items(model: str, knockout: KnockoutRun, enrichment: EnrichmentRun, extraction: ExtractionRun,
+                facts: Sequence[Fact], n_known: int, sink: dict[str, Estimate] | None = None, sink_model: str = "",
+                tracing: str | None = None, short_variant: str | None = None, n_boot: int = 1000,
+                seed: int = 0) -> pd.DataFrame:
+    """Chapter 2's table of protocol items (:data:`PAPER_ITEMS`): the paper's value or protocol beside this
+    run's, each of ours computed (95% bootstrap intervals over facts, Wilson intervals for shares).
+
+    ``sink``: :func:`sink_share` for ``sink_model`` (a model without its own BOS), or None when no model
+    run needs a start token; ``tracing``: the causal-tracing row's text (from
+    :class:`lmbook.experiments.causal_tracing.CausalTracingRun`), or None when not run; ``short_variant``:
+    the label of ``enrichment``'s variant scored with the short descriptions."""
+    L, F = knockout.n_layers, len(knockout.clean)
+    ours = {}
+    if sink is None:
+        ours["start"] = f"{model}: the tokenizer's own BOS is position 0 and is never blocked"
+    else:
+        ours["start"] = (f"{sink_model}: largest last↛subject drop {sink['bare']:.0f}% without a start token, "
+                         f"{sink['fixed']:.0f}% with one; share of the old drop that was the sink "
+                         f"{sink['share']:.2f} (95% bootstrap intervals over facts)")
+    sh = {k: Estimate.share(extraction.hits(k)) for k in ("attention", "attention_blocked")}
+    gap = extraction.difference("attention_blocked", "attention", n_boot, seed)
+    ours["extraction"] = (f"{model}: attention events in {sh['attention']:.2f} of {len(extraction.events)} facts, "
+                          f"{sh['attention_blocked']:.2f} with the subject blocked (difference {gap:.2f})")
+    dips = knockout.dip_layers(n_boot, seed)
+    ours["window"] = (f"{model}: {knockout.window} of {L} layers ({knockout.window / L:.2f}); subject dip at layer "
+                      f"{dips['subject']:.0f}, non-subject at {dips['non-subject']:.0f}, subject minus non-subject "
+                      f"{dips['subject - non-subject']:.0f} layers ({F} facts)")
+    ours["tracing"] = tracing if tracing else "not run (N_TRACE)"
+    peak = enrichment.peak_estimate("subject last", None, n_boot, seed)
+    text = f"{model}: peak {peak:.1f}% at the subject's last token with the long descriptions"
+    if short_variant is not None and short_variant in enrichment.variants:
+        text += f", {enrichment.peak_estimate('subject last', short_variant, n_boot, seed):.1f}% with the short ones"
+    ours["rate"] = text + f" ({len(enrichment.rates)} facts)"
+    ours["generality"] = (f"{len(facts)} facts, {len({f.relation for f in facts})} relations, "
+                          f"{len({f.subject for f in facts})} subjects; {model} knows {n_known}")
+    return pd.DataFrame([{"item": item, "paper": paper, "this run": ours[k]}
+                         for k, (item, paper) in PAPER_ITEMS.items()])

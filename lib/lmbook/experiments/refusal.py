@@ -18,8 +18,15 @@ Introduced in chapter 5 ("A refusal direction the book creates, then finds"), af
 * :func:`last_logprobs` runs many interventions in one batched forward (each row its own
   direction), :func:`refusal_score` and :func:`kl_divergence` score them, and
   :func:`select_direction` picks a candidate on validation requests as Arditi et al. do;
-* :func:`generate` decodes greedily with an intervention applied at every step; :func:`text_nll`
-  measures what an intervention costs on ordinary text.
+* :func:`generate` decodes greedily with an intervention applied at every step (one row of
+  ``ablate`` / ``add`` per prompt, so many conditions share one batched generation); :func:`text_nll`
+  measures what an intervention costs on ordinary text;
+* **controls** of matched norm: :func:`matched_random_direction` (a random direction with the
+  chosen direction's norm) and :func:`runner_up` (the best candidate at another layer);
+* **coherence** of the replies themselves: :func:`reply_nll` scores replies under a model (the
+  original one), computing each prompt's keys and values once for every set of replies to it, and
+  :func:`is_degenerate` flags a reply that is empty or repetitive
+  (:func:`repeated_ngram_share`).
 
 Interventions are given per row: ``ablate`` is ``[B, d]`` (a zero row leaves that row alone, since
 projecting out the zero vector subtracts an exact zero) and ``add`` maps a layer to ``[B, d]``.
@@ -27,20 +34,21 @@ projecting out the zero vector subtracts an exact zero) and ``add`` maps a layer
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Sequence
 
 import torch
 
-from lmbook.core.models import trace
+from lmbook.core.models import refuse_remote, trace
 from lmbook.core.params import ParameterError, check_choice, check_float, check_int
 from lmbook.core.stats import Share, share
-from lmbook.core.tokens import Batch, pad_ids
+from lmbook.core.tokens import Batch, pad_ids, pad_token_id
 from lmbook.data.instructions import SPLITS, load_instructions  # the reader of chapter 5's data files
 from lmbook.mechanisms.generation import generate_ids
 from lmbook.mechanisms.interventions import directional, directional_chunks, prepare_directional
 from lmbook.mechanisms.likelihood import logits_nll
-from lmbook.mechanisms.readout import final_logits, last_trace
+from lmbook.mechanisms.readout import final_logits, last_trace, softcap
 
 __all__ = [
     "SPLITS",
@@ -61,8 +69,16 @@ __all__ = [
     "Selection",
     "select_direction",
     "generate",
+    "generate_conditions",
     "text_nll",
     "text_perplexity",
+    "matched_random_direction",
+    "runner_up",
+    "DEGENERATE_NGRAM",
+    "DEGENERATE_SHARE",
+    "repeated_ngram_share",
+    "is_degenerate",
+    "reply_nll",
 ]
 
 # Arditi et al. (2024), after Zou et al. (2023): a completion refuses if it contains any of these.
@@ -326,20 +342,67 @@ def select_direction(
 
 
 def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=None, max_new_tokens: int = 32,
-             batch_size: int = 32) -> list[str]:
-    """Greedy replies to formatted ``prompts``, with ``ablate`` (a ``[d]`` direction, normalised
-    here) removed and ``add`` (``{layer: [d]}``) added at every position of every generation step
-    (:func:`lmbook.mechanisms.interventions.directional`). Returns the replies without the prompts
-    or special tokens."""
+             batch_size: int = 32, return_ids: bool = False, sample: bool = False, seed: int | None = None):
+    """Greedy replies to formatted ``prompts``, with ``ablate`` (a ``[d]`` direction or one row per
+    prompt, ``[N, d]``; normalised here, a zero row leaves its prompt alone) removed and ``add``
+    (``{layer: [d] or [N, d]}``) added at every position of every generation step
+    (:func:`lmbook.mechanisms.interventions.directional`). Rows with different interventions (or
+    none) share one batched generation.
+
+    ``sample=True`` draws each token from the model's distribution (temperature 1, no nucleus
+    filter; torch seeded with ``seed`` once) instead of taking the most likely one.
+
+    A reply ends at its first end token (the end of the turn, or padding): returns the replies'
+    texts, and with ``return_ids`` also their token ids (lists, cut there) for :func:`reply_nll`."""
     check_int("max_new_tokens", max_new_tokens, 1, 4096)
-    out = []
+    check_int("batch_size", batch_size, 1)
+    tok = model.tokenizer
+    ablate, add = prepare_directional(model, ablate, add, len(prompts))
+    eos = getattr(getattr(model._model, "generation_config", None), "eos_token_id", None)
+    ends = {pad_token_id(tok), tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+    texts, ids_out = [], []
     for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(model, prompts[start:start + batch_size], fmt, side="left")
-        ab, ad = prepare_directional(model, ablate, add, len(batch))
-        edit = (lambda m: directional(m, ab, ad)) if ab is not None or ad else None
-        ids = generate_ids(model, batch, max_new_tokens, edit=edit, every_step=True)
-        out += model.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return out
+        idx = list(range(start, min(len(prompts), start + batch_size)))
+        batch = encode_prompts(model, [prompts[i] for i in idx], fmt, side="left")
+        ab = None if ablate is None else ablate[idx]
+        ad = {l: v[idx] for l, v in add.items()}
+        edit = (lambda m, ab=ab, ad=ad: directional(m, ab, ad)) if ab is not None or ad else None
+        new = generate_ids(model, batch, max_new_tokens, edit=edit, every_step=True, sample=sample,
+                           seed=seed if start == 0 else None)
+        for row in new.tolist():
+            cut = next((k for k, t in enumerate(row) if t in ends), len(row))
+            ids_out.append(row[:cut])
+    texts = tok.batch_decode(ids_out, skip_special_tokens=True)
+    return (texts, ids_out) if return_ids else texts
+
+
+def generate_conditions(model, conditions, fmt: str = "chat", max_new_tokens: int = 32,
+                        batch_size: int = 100) -> dict[str, tuple[list[str], list[list[int]]]]:
+    """Replies under several conditions in one batched :func:`generate`: ``conditions`` maps a name
+    to ``(prompts, edit)``, ``edit`` being ``{}`` (no intervention), ``{"ablate": r}`` and/or
+    ``{"add": {layer: v}}`` with ``r``, ``v`` ``[d]``. Returns ``{name: (texts, ids)}``; each row
+    carries its own intervention (a zero row changes nothing), so every reply is the one its own
+    call of :func:`generate` would give."""
+    d = model.hidden_size
+    spans, prompts, edits = {}, [], []
+    for name, (ps, edit) in conditions.items():
+        unknown = set(edit) - {"ablate", "add"}
+        if unknown:
+            raise ParameterError(f"condition {name!r}: unknown edit(s) {sorted(unknown)}; use 'ablate' and/or 'add'")
+        spans[name] = (len(prompts), len(prompts) + len(ps))
+        prompts += list(ps)
+        edits.append((spans[name], edit))
+    row = lambda v: torch.as_tensor(v).float().reshape(d)  # noqa: E731
+    ablate = torch.zeros(len(prompts), d) if any("ablate" in e for _, e in edits) else None
+    add = {layer: torch.zeros(len(prompts), d) for _, e in edits for layer in e.get("add", {})}
+    for (a, b), edit in edits:
+        if "ablate" in edit:
+            ablate[a:b] = row(edit["ablate"])
+        for layer, v in edit.get("add", {}).items():
+            add[layer][a:b] = row(v)
+    texts, ids = generate(model, prompts, fmt, ablate=ablate, add=add or None, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, return_ids=True)
+    return {name: (texts[a:b], ids[a:b]) for name, (a, b) in spans.items()}
 
 
 def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,3 +423,114 @@ def text_perplexity(model, batch: Batch, ablate=None, add=None, max_rows: int = 
     ``exp(sum of NLL / number of tokens scored)`` from :func:`text_nll`."""
     s, c = text_nll(model, batch, ablate=ablate, add=add, max_rows=max_rows)
     return float((s.sum() / c.sum()).exp())
+
+
+# ----------------------------------------------------------------------------- controls of matched norm
+
+
+def matched_random_direction(direction: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random direction (Gaussian, drawn with ``seed``) scaled to the norm of ``direction`` ``[d]``:
+    the control that asks whether *any* direction of that size does what the chosen one does."""
+    direction = torch.as_tensor(direction).float()
+    if direction.ndim != 1:
+        raise ParameterError(f"direction must be [d], got {tuple(direction.shape)}")
+    g = torch.randn(direction.shape[0], generator=torch.Generator().manual_seed(seed))
+    return g / g.norm() * direction.norm()
+
+
+def runner_up(selection: Selection) -> tuple[int, int] | None:
+    """``(position, layer)`` of the candidate with the lowest bypass score at a layer other than the
+    chosen one (among the candidates :func:`select_direction` scored), or ``None`` when no other
+    layer was scored: the control that asks whether the chosen layer matters."""
+    P, L = selection.bypass.shape
+    other = [(p, l) for p in range(P) for l in range(L)
+             if l != selection.layer and not torch.isnan(selection.bypass[p, l])]
+    return min(other, key=lambda c: float(selection.bypass[c])) if other else None
+
+
+# ----------------------------------------------------------------------------- coherence of replies
+
+DEGENERATE_NGRAM = 4  # word n-grams compared by repeated_ngram_share
+DEGENERATE_SHARE = 0.5  # a reply whose repeated share exceeds this is repetitive
+
+
+def repeated_ngram_share(text: str, n: int = DEGENERATE_NGRAM) -> float:
+    """The share of the word ``n``-grams of ``text`` (lower-cased, split on white space) that repeat an
+    earlier ``n``-gram of the same text; ``0.0`` for a text of fewer than ``n`` words. A reply that
+    loops ("the cat sat. the cat sat. the cat sat.") scores near 1, ordinary prose near 0."""
+    check_int("n", n, 1)
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    seen, repeated = set(), 0
+    for g in grams:
+        repeated += g in seen
+        seen.add(g)
+    return repeated / len(grams)
+
+
+def is_degenerate(text: str, n: int = DEGENERATE_NGRAM, threshold: float = DEGENERATE_SHARE) -> bool:
+    """True for a reply that is **empty** (nothing but white space) or **repetitive** (its
+    :func:`repeated_ngram_share` exceeds ``threshold``)."""
+    check_float("threshold", threshold, 0.0, 1.0)
+    return not text.strip() or repeated_ngram_share(text, n) > threshold
+
+
+def reply_nll(model, prompts: Sequence[str], reply_sets: Sequence[Sequence[Sequence[int]]], fmt: str = "chat",
+              max_rows: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """How likely ``model`` finds replies to ``prompts``: for each set of replies (token ids, one
+    reply per prompt, as :func:`generate` returns them with ``return_ids``), the summed next-token
+    negative log-likelihood of each reply's tokens given its prompt, and the number of tokens: a
+    pair of ``[N]`` tensors per set. A reply's perplexity is ``exp(sum / count)`` (an empty reply
+    has count 0).
+
+    Each chunk of ``max_rows`` prompts runs once (left-padded, with its keys and values cached);
+    every set of replies then runs only its own tokens on a copy of that cache, with logits only
+    where a token is scored. ``tests/test_refusal.py`` checks it against full forwards."""
+    refuse_remote(model, "scoring replies (reply_nll)")
+    check_int("max_rows", max_rows, 1)
+    n = len(prompts)
+    for k, rs in enumerate(reply_sets):
+        if len(rs) != n:
+            raise ParameterError(f"reply set {k} has {len(rs)} replies for {n} prompts")
+    hf = model._model
+    dev = next(hf.parameters()).device
+    dec, head = hf.get_decoder(), hf.get_output_embeddings()
+    pad = pad_token_id(model.tokenizer)
+    sums = [torch.zeros(n) for _ in reply_sets]
+    counts = [torch.tensor([len(r) for r in rs], dtype=torch.long) for rs in reply_sets]
+    for start in range(0, n, max_rows):
+        idx = list(range(start, min(n, start + max_rows)))
+        batch = encode_prompts(model, [prompts[i] for i in idx], fmt, side="left")
+        pm = batch.attention_mask
+        plen = pm.sum(-1)
+        with torch.no_grad():
+            out = dec(input_ids=batch.input_ids.to(dev), attention_mask=pm.to(dev),
+                      position_ids=(pm.cumsum(-1) - 1).clamp_min(0).to(dev), use_cache=True)
+            first = softcap(hf, head(out.last_hidden_state[:, -1])).float().log_softmax(-1).cpu()  # [b, V]
+            for k, rs in enumerate(reply_sets):
+                rows = [list(rs[i]) for i in idx]
+                lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+                width = int(lens.max())
+                if width == 0:
+                    continue
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for b, r in enumerate(rows):
+                    ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+                    mask[b, :len(r)] = 1
+                has = lens > 0
+                nll = torch.zeros(len(idx))
+                nll[has] = -first[has, ids[has, 0]]
+                if width > 1:
+                    o = dec(input_ids=ids.to(dev), attention_mask=torch.cat([pm, mask], 1).to(dev),
+                            position_ids=(plen[:, None] + torch.arange(width)[None]).to(dev),
+                            cache=copy.deepcopy(out.cache), use_cache=True)
+                    keep = mask[:, 1:].bool()
+                    lp = softcap(hf, head(o.last_hidden_state[:, :-1][keep.to(dev)])).float().log_softmax(-1).cpu()
+                    tok_nll = -lp.gather(-1, ids[:, 1:][keep][:, None])[:, 0]
+                    rowid = torch.arange(len(idx))[:, None].expand_as(keep)[keep]
+                    nll += torch.zeros(len(idx)).index_add_(0, rowid, tok_nll)
+                sums[k][idx] = nll
+    return list(zip(sums, counts))

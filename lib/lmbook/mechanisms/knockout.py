@@ -14,11 +14,23 @@ check that both agree.
 
 The knockouts name positions relative to the subject (:func:`key_masks`); :func:`position_index`
 names the four positions that chapter 2's enrichment and causal-tracing experiments read or restore.
+
+**The start token.** Prompts are encoded with :func:`lmbook.core.tokens.encode` ``(start=True)`` by
+default, so position 0 is a start token (the tokenizer's BOS, or the book's start token where the
+tokenizer adds none) and never a word of the prompt. That position is the attention sink: no
+knockout ever blocks it (:func:`key_masks`). ``start=False`` encodes prompts as the tokenizer alone
+would (chapter 2 shows what that changes for a model without a BOS token).
+
+**Blocking at one layer only.** :func:`same_layer_blocked` recomputes, from one clean run, what the
+attention of a layer writes at the last position when that position's attention weights on chosen
+positions are zeroed (Geva et al.'s attribute extraction with the subject blocked): nothing
+propagates to later layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,8 +40,12 @@ from lmbook.core.params import ParameterError, check_int
 from lmbook.core.tokens import Batch, encode, start_token_id, token_span
 from lmbook.mechanisms.interventions import last_token_inputs, prefix_cache
 
-__all__ = ["KINDS", "POSITIONS", "FactGroup", "group_facts", "layer_windows", "key_masks", "position_index",
-           "knockout_sweep", "knockout_sweep_looped", "sweep_facts", "last_token_run"]
+__all__ = ["KINDS", "POSITIONS", "FactGroup", "group_facts", "layer_windows", "relative_window", "key_masks",
+           "position_index", "knockout_sweep", "knockout_sweep_looped", "sweep_facts", "last_token_run",
+           "same_layer_blocked", "WINDOW_FRACTION"]
+
+WINDOW_FRACTION = 0.19
+"""Geva et al.'s knockout window as a share of the depth: 9 of GPT-2 XL's 48 layers."""
 
 KINDS = ("subject", "non-subject", "last")
 POSITIONS = ("subject first", "subject last", "after subject", "last")
@@ -61,13 +77,14 @@ class FactGroup:
 
 
 def group_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets: torch.Tensor,
-                max_group: int = 32) -> list[FactGroup]:
-    """Encode prompts, find each subject's token span, and group prompts of equal token length
-    (at most ``max_group`` per group) so that each group needs no padding."""
+                max_group: int = 32, start: bool = True) -> list[FactGroup]:
+    """Encode prompts (with the start token first unless ``start=False``, see the module's note),
+    find each subject's token span, and group prompts of equal token length (at most ``max_group``
+    per group) so that each group needs no padding."""
     if not (len(prompts) == len(subjects) == len(targets)):
         raise ParameterError("prompts, subjects and targets must have the same length")
     check_int("max_group", max_group, 1)
-    enc = encode(model, list(prompts))
+    enc = encode(model, list(prompts), start=start)
     spans = torch.tensor([token_span(enc, i, s) for i, s in enumerate(subjects)])
     lengths = (enc.last + 1).tolist()
     groups = []
@@ -86,6 +103,17 @@ def layer_windows(n_layers: int, size: int, name: str = "size") -> list[list[int
     return [list(range(max(0, c - size // 2), min(n_layers, c + (size - 1) // 2 + 1))) for c in range(n_layers)]
 
 
+def relative_window(n_layers: int, fraction: float = WINDOW_FRACTION) -> int:
+    """The knockout window at the paper's relative depth: the odd number of layers nearest to
+    ``fraction * n_layers``, at least 3 (at most ``n_layers``). GPT-2 XL's 48 layers give the
+    paper's 9."""
+    check_int("n_layers", n_layers, 1)
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ParameterError(f"WINDOW_FRACTION={fraction!r} is out of range; valid: 0 < WINDOW_FRACTION <= 1")
+    odd = 2 * int(math.floor((fraction * n_layers - 1) / 2 + 0.5)) + 1
+    return max(1, min(n_layers, max(3, odd)))
+
+
 def key_masks(length: int, span: tuple[int, int], has_bos: bool) -> dict[str, torch.Tensor]:
     """Positions the last token may no longer read, per knockout kind: ``{kind: bool [length]}``.
 
@@ -94,13 +122,18 @@ def key_masks(length: int, span: tuple[int, int], has_bos: bool) -> dict[str, to
       begins with a start token), the first token (blocking that attention sink breaks any model,
       whatever the fact);
     * ``last``: the last token itself.
+
+    No kind ever blocks position 0 when ``has_bos``, not even a subject span that covers it.
     """
     s, e = span
     subj = torch.zeros(length, dtype=torch.bool)
     subj[s:e] = True
+    if has_bos:
+        subj[0] = False
     last = torch.zeros(length, dtype=torch.bool)
     last[-1] = True
     other = ~subj & ~last
+    other[s:e] = False
     if has_bos:
         other[0] = False
     return {"subject": subj, "non-subject": other, "last": last}
@@ -207,14 +240,89 @@ def knockout_sweep_looped(model, group: FactGroup, kinds: Sequence[str] = KINDS,
 
 def sweep_facts(model, prompts: Sequence[str], subjects: Sequence[str], targets: torch.Tensor,
                 kinds: Sequence[str] = KINDS, window: int = 9, max_group: int = 16,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, start: bool = True) -> torch.Tensor:
     """:func:`knockout_sweep` over many prompts, grouped by token length, with a progress bar.
-    Returns ``[N, 1 + len(kinds) * n_layers]`` target probabilities in the order of ``prompts``."""
+    Returns ``[N, 1 + len(kinds) * n_layers]`` target probabilities in the order of ``prompts``.
+    ``start``: encode with the start token first (see the module's note)."""
     from tqdm.auto import tqdm
 
     windows = layer_windows(model.num_layers, window, "window")
-    groups = group_facts(model, prompts, subjects, targets, max_group)
+    groups = group_facts(model, prompts, subjects, targets, max_group, start=start)
     out = torch.empty(len(prompts), 1 + len(kinds) * len(windows))
     for g in tqdm(groups, desc="attention knockout", disable=not progress):
         out[g.index] = knockout_sweep(model, g, kinds, windows)
     return out
+
+
+def _values(model, layer: int):
+    """Inside a trace: the attention's value vectors at ``layer``, ``[B, seq, kv_heads * head_dim]``
+    (``v_proj``'s output, or the value third of GPT-2's fused ``c_attn``)."""
+    attn = model.attentions[layer]
+    mod = attn._module
+    if getattr(mod, "v_proj", None) is not None:
+        return attn.v_proj.output
+    if getattr(mod, "c_attn", None) is not None:
+        out = attn.c_attn.output
+        d = out.shape[-1] // 3
+        return out[..., 2 * d:]
+    raise ParameterError(f"the attention block {type(mod).__name__} has neither v_proj nor c_attn; "
+                         "same_layer_blocked needs its value vectors")
+
+
+def same_layer_blocked(model, batch: Batch, block: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each layer's attention writes at each row's last token when that token's attention
+    weights on the positions ``block`` (bool ``[B, seq]``) are zeroed **at that layer only**, from
+    one clean forward: Geva et al.'s attribute extraction with the subject blocked.
+
+    The clean weights are not renormalised: the blocked write is the clean output projection's output
+    minus the blocked positions' share of it, ``W_o (sum_j p_hj v_hj)`` over blocked ``j`` and every
+    head ``h``, then the family's post-attention norm where it has one
+    (:func:`lmbook.mechanisms.sublayers.post_norms`). Nothing propagates to later layers. The start
+    token (position 0 of an ``encode(..., start=True)`` batch) is never blocked.
+
+    Returns ``{"attention", "blocked", "mlp"}``, each ``[L, B, d]`` float32: the clean attention
+    write, the blocked one, and the clean MLP write (:func:`lmbook.mechanisms.sublayers.sublayer_updates`).
+    """
+    from lmbook.mechanisms.sublayers import out_projection, post_norms, sublayer_updates
+
+    block = torch.as_tensor(block, dtype=torch.bool).clone()
+    B, n = batch.input_ids.shape
+    if tuple(block.shape) != (B, n):
+        raise ParameterError(f"block must be [batch={B}, seq={n}], got {tuple(block.shape)}")
+    if _starts_with_start_token(model, batch):
+        block[:, 0] = False
+    rows, last = batch.rows(), batch.last
+    for layer in range(model.num_layers):
+        # instrument each attention's source before the trace: the values are read inside the same
+        # call before its probabilities, which nnsight cannot instrument once that call has begun
+        _ = model.attentions[layer].source
+    with torch.no_grad(), trace(model, batch.inputs(), last_only=True):
+        vals, probs, pre, att, mlp = (list().save() for _ in range(5))
+        for layer in range(model.num_layers):
+            vals.append(_values(model, layer))
+            probs.append(model.attention_probabilities[layer][rows, :, last])
+            pre.append(model.attentions_output[layer][rows, last])
+            a, m = sublayer_updates(model, layer)
+            att.append(a[rows, last])
+            mlp.append(m[rows, last])
+    H = model.num_heads
+    out = {"attention": [], "blocked": [], "mlp": []}
+    for layer in range(model.num_layers):
+        _, W, _ = out_projection(model, layer)  # [d, H * hd]
+        W = W.cpu()  # every layer's tensors meet on the CPU (a model may be split over devices)
+        hd = W.shape[1] // H
+        v = vals[layer].float().cpu()
+        kv = v.shape[-1] // hd
+        v = v.view(B, n, kv, hd).repeat_interleave(H // kv, dim=2)  # [B, n, H, hd]
+        p = probs[layer].float().cpu() * block[:, None, :]  # [B, H, n]: the blocked weights only
+        c = torch.einsum("bhj,bjhk->bhk", p, v).reshape(B, H * hd)
+        blocked = pre[layer].float().cpu() - c @ W.T
+        norms = post_norms(model, layer)
+        if norms is not None:
+            w = norms[0].weight
+            with torch.no_grad():
+                blocked = norms[0](blocked.to(device=w.device, dtype=w.dtype)).float().cpu()
+        out["attention"].append(att[layer].float().cpu())
+        out["blocked"].append(blocked)
+        out["mlp"].append(mlp[layer].float().cpu())
+    return {k: torch.stack(v) for k, v in out.items()}

@@ -2,8 +2,8 @@
 
 One home for training. Chapter 3 ("Perplexity pitfalls") continues pretraining the top blocks of a
 model on raw text; chapter 5 ("Refusal direction") fine-tunes a model with low-rank adapters
-(LoRA) on ``(prompt, reply)`` pairs. Both run :func:`adamw_loop`: AdamW with a constant learning
-rate and no weight decay, optional gradient clipping, a seeded order of examples
+(LoRA) on ``(prompt, reply)`` pairs. Both run :func:`adamw_loop`: AdamW (constant learning rate, or
+chapter 3's warm-up and decay, :func:`lr_schedule`), no weight decay, optional clipping, a seeded order of examples
 (:func:`shuffled_batches`), the loss of each step recorded, and the optimiser's state dropped at
 the end. Training runs on the underlying transformers model (``model._model``) outside any nnsight
 trace.
@@ -43,7 +43,7 @@ from lmbook.mechanisms.readout import softcap
 
 __all__ = ["layer_modules", "final_norm", "top_layer_parameters", "restore_after",
            "skip_lower_layers", "prefix_states", "cached_nll", "cached_last_top1",
-           "shuffled_batches", "adamw_loop", "train_top_layers",
+           "shuffled_batches", "lr_schedule", "adamw_loop", "train_top_layers",
            "FinetuneResult", "attach_lora", "tokenize_pairs", "finetune", "reply_loss"]
 
 
@@ -136,10 +136,13 @@ def skip_lower_layers(model, n_frozen: int):
             layers[i] = m
 
 
-def prefix_states(model, texts: Scored | Batch, n_frozen: int, batch_size: int = 8) -> torch.Tensor | None:
+def prefix_states(model, texts: Scored | Batch, n_frozen: int, batch_size: int = 8,
+                  bf16: bool = False) -> torch.Tensor | None:
     """Residual stream after block ``n_frozen - 1`` at every position, ``[B, T, d]`` (nnsight), or
     ``None`` when ``n_frozen == 0`` (nothing is frozen, nothing to cache). ``texts`` is a
-    :class:`lmbook.mechanisms.likelihood.Scored` or a :class:`lmbook.core.tokens.Batch`."""
+    :class:`lmbook.mechanisms.likelihood.Scored` or a :class:`lmbook.core.tokens.Batch`. ``bf16``:
+    run the blocks under bfloat16 autocast (mixed precision, as :func:`train_top_layers` with
+    ``bf16=True`` trains; the states are stored in float32)."""
     refuse_remote(model, "training the top blocks (prefix_states)")
     check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
     if n_frozen == 0:
@@ -149,10 +152,20 @@ def prefix_states(model, texts: Scored | Batch, n_frozen: int, batch_size: int =
     out = torch.zeros(len(batch), T, model.hidden_size)
     for idx in length_batches(batch, batch_size):
         sub = batch.select(idx)
-        with torch.no_grad(), trace(model, sub):
+        # no logits, and the forward stops after block n_frozen - 1: the cache costs the lower blocks only
+        with torch.no_grad(), _autocast(model, bf16), trace(model, sub, last_only=True) as tracer:
             h = model.layers_output[n_frozen - 1].save()
+            tracer.stop()
         out[idx, : sub.input_ids.shape[1]] = h.float().cpu()
     return out
+
+
+def _autocast(model, enabled: bool):
+    """bfloat16 autocast on the model's device type (a no-op context when not ``enabled``)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device = next(model._model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _cached_forward(model, stub, states, sub: Batch, **kwargs) -> torch.Tensor:
@@ -237,13 +250,34 @@ def shuffled_batches(n: int, batch_size: int, seed: int, *, epochs: int | None =
     return out
 
 
+def lr_schedule(total: int, warmup: int = 0, kind: str = "constant", floor: float = 0.1) -> Callable[[int], float]:
+    """The learning-rate multiplier of step ``i`` (counting from 0) of ``total``: linear warm-up from
+    ``1 / (warmup + 1)`` to 1 over the first ``warmup`` steps, then ``"constant"`` (1) or ``"cosine"``
+    (from 1 down to ``floor`` at the last step), the schedules of continued pretraining."""
+    check_int("total", total, 0)
+    check_int("warmup", warmup, 0)
+    check_choice("schedule", kind, ("constant", "cosine"))
+    check_float("floor", floor, 0.0, 1.0)
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / (warmup + 1)
+        if kind == "constant" or total - warmup <= 1:
+            return 1.0
+        t = (i - warmup) / (total - warmup - 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
 def adamw_loop(params: Sequence[torch.nn.Parameter], batches: Sequence[list[int]],
                loss_fn: Callable[[list[int]], torch.Tensor], *, lr: float, max_grad_norm: float | None = None,
                on_step: Callable[[int], None] | None = None, desc: str = "training",
-               progress: bool = True) -> list[float]:
-    """The training loop of the book: one AdamW step (constant ``lr``, no weight decay) per entry of
-    ``batches`` on the scalar ``loss_fn(rows)``, gradients clipped to ``max_grad_norm`` when given;
-    ``on_step(step)`` runs after each step (``step`` counts from 1). ``params`` must require
+               progress: bool = True, lr_factor: Callable[[int], float] | None = None) -> list[float]:
+    """The training loop of the book: one AdamW step (no weight decay) per entry of ``batches`` on the
+    scalar ``loss_fn(rows)``, gradients clipped to ``max_grad_norm`` when given; ``on_step(step)``
+    runs after each step (``step`` counts from 1). The learning rate is ``lr``, constant, or
+    ``lr * lr_factor(i)`` at step ``i`` (from 0; see :func:`lr_schedule`). ``params`` must require
     gradients. Returns the loss of every step; the optimiser's gradients are dropped at the end."""
     from tqdm.auto import tqdm
 
@@ -254,6 +288,9 @@ def adamw_loop(params: Sequence[torch.nn.Parameter], batches: Sequence[list[int]
     try:
         with torch.enable_grad():
             for rows in batches:
+                if lr_factor is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr * lr_factor(len(losses))
                 loss = loss_fn(rows)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -278,21 +315,26 @@ def adamw_loop(params: Sequence[torch.nn.Parameter], batches: Sequence[list[int]
 def train_top_layers(model, train: Scored, states: torch.Tensor | None, *, n_train_layers: int, lr: float,
                      epochs: int, batch_size: int = 4, seed: int = 0, max_grad_norm: float = 1.0,
                      on_step: Callable[[int], None] | None = None, desc: str = "training",
-                     progress: bool = True) -> list[float]:
+                     progress: bool = True, warmup: int = 0, schedule: str = "constant",
+                     bf16: bool = False) -> list[float]:
     """Continue pretraining the top ``n_train_layers`` blocks and the final norm on the texts of
     ``train`` for ``epochs`` passes (:func:`shuffled_batches` with ``epochs``), the loss being the mean
     next-token loss of the batch's tokens; ``states`` are the lower blocks' output from
     :func:`prefix_states` with ``n_frozen = model.num_layers - n_train_layers``. Gradients are
-    clipped to ``max_grad_norm``. The weights change in place (wrap the call in
-    :func:`restore_after`) and are frozen again afterwards. Returns the loss of every step."""
+    clipped to ``max_grad_norm``; the learning rate follows :func:`lr_schedule` (``warmup`` steps,
+    then ``schedule``). ``bf16``: mixed precision, the forward and backward passes under bfloat16
+    autocast while the weights and AdamW's state stay float32. The weights change in place (wrap the
+    call in :func:`restore_after`) and are frozen again afterwards. Returns the loss of every step."""
     refuse_remote(model, "training the top blocks")
     check_int("epochs", epochs, 0)
     n_frozen = model.num_layers - n_train_layers
     params = top_layer_parameters(model, n_train_layers)
+    batches = shuffled_batches(len(train), batch_size, seed, epochs=epochs)
+    factor = lr_schedule(len(batches), warmup, schedule)
 
     def loss_fn(rows):
         sub = train.batch.select(rows)
-        with skip_lower_layers(model, n_frozen) as stub:
+        with skip_lower_layers(model, n_frozen) as stub, _autocast(model, bf16):
             logits = _cached_forward(model, stub if n_frozen else None, _rows(states, rows), sub)
         nll = logits_nll(logits, sub.input_ids, sub.attention_mask[:, 1:])
         return nll.sum() / sub.attention_mask[:, 1:].sum().to(nll.device)
@@ -300,8 +342,8 @@ def train_top_layers(model, train: Scored, states: torch.Tensor | None, *, n_tra
     for p in params:
         p.requires_grad_(True)
     try:
-        return adamw_loop(params, shuffled_batches(len(train), batch_size, seed, epochs=epochs), loss_fn, lr=lr,
-                          max_grad_norm=max_grad_norm, on_step=on_step, desc=desc, progress=progress)
+        return adamw_loop(params, batches, loss_fn, lr=lr, max_grad_norm=max_grad_norm, on_step=on_step, desc=desc,
+                          progress=progress, lr_factor=factor)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -424,6 +466,8 @@ def finetune(
     end: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    keep_step: int | None = None,
 ) -> FinetuneResult:
     """Train ``model`` in place on ``(prompt, reply)`` pairs for ``steps`` AdamW steps of
     ``batch_size`` pairs (:func:`shuffled_batches` with ``steps``: reshuffled every pass through the
@@ -431,9 +475,15 @@ def finetune(
 
     ``layers``: which layers to adapt (default all for LoRA); ``end``: a string appended to every
     reply (see :func:`tokenize_pairs`). LoRA adapters are merged into the weights at the end.
+    ``on_step(step)`` runs after every step, with the adapters in place (to evaluate the model while
+    it trains). ``keep_step``: the model keeps the weights it had after that many steps (``0``: the
+    model itself) and training goes on to ``steps`` only for ``on_step`` to watch, so one run
+    shows what longer training would cost.
     """
     check_choice("method", method, ("lora", "layers"))
     check_int("steps", steps, 0, 100_000)
+    if keep_step is not None:
+        check_int("keep_step", keep_step, 0, steps)
     check_int("batch_size", batch_size, 1, 4096)
     check_float("lr", lr, 0.0, 1.0)
     if not pairs:
@@ -459,11 +509,28 @@ def finetune(
         ids, labels, mask = _collate([data[i] for i in rows], pad)
         return _reply_loss(hf, ids.to(hf.device), labels.to(hf.device), mask.to(hf.device))
 
+    kept: list[torch.Tensor] = []
+
+    def keep(step: int) -> None:
+        if keep_step is not None and step == keep_step:
+            kept[:] = [p.detach().clone() for p in params]
+
+    def after_step(step: int) -> None:
+        keep(step)
+        if on_step is not None:
+            with torch.no_grad():
+                on_step(step)
+
     was_training = hf.training
     hf.train(False)  # no dropout: the small models here have none anyway, and eval keeps it so
     try:
+        keep(0)
         losses = adamw_loop(params, shuffled_batches(len(data), batch_size, seed, steps=steps), loss_fn, lr=lr,
-                            desc=f"fine-tune ({method})", progress=progress)
+                            on_step=after_step, desc=f"fine-tune ({method})", progress=progress)
+        if kept:
+            with torch.no_grad():
+                for p, k in zip(params, kept):
+                    p.copy_(k)
     finally:
         if lora is not None:
             lora.merge()
