@@ -99,3 +99,13 @@ def one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg, msg
     return msg
+
+
+@pytest.fixture
+def glued(monkeypatch):
+    """What the recorder glues, as ``{key: value}`` (myst_nb.glue replaced, no kernel needed)."""
+    import myst_nb
+
+    out = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display=True: out.__setitem__(key, str(value)))
+    return out

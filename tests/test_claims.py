@@ -17,16 +17,6 @@ SENTENCES = {
 }
 
 
-@pytest.fixture
-def glued(monkeypatch):
-    """What the recorder glues, as ``{key: value}`` (myst_nb.glue replaced, no kernel needed)."""
-    import myst_nb
-
-    out = {}
-    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display=True: out.__setitem__(key, str(value)))
-    return out
-
-
 @pytest.mark.parametrize("a, b, outcome", [
     (Estimate(0.8, 0.7, 0.9), Estimate(0.3, 0.2, 0.4), "greater"),
     (Estimate(0.3, 0.2, 0.4), Estimate(0.8, 0.7, 0.9), "less"),

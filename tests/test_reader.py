@@ -116,16 +116,6 @@ def test_paper_verdict_names_a_bad_check(agree, message):
         paper_verdict(claims("as_paper"), agree)
 
 
-@pytest.fixture
-def glued(monkeypatch):
-    """What the recorder glues, as ``{key: value}`` (myst_nb.glue replaced, no kernel needed)."""
-    import myst_nb
-
-    out = {}
-    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display=True: out.__setitem__(key, str(value)))
-    return out
-
-
 @pytest.mark.parametrize("a, verdict, shown", [
     (Estimate(0.8, 0.7, 0.9), "reproduced", "reproduced"),
     (Estimate(0.1, 0.0, 0.2), "not", "not reproduced"),
