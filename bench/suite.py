@@ -313,6 +313,7 @@ def ch1(models: Models, a) -> list[Result]:
 
 
 def ch2(models: Models, a) -> list[Result]:
+    from lmbook.core.models import load_copy
     from lmbook.core.tokens import encode, token_span
     from lmbook.data.facts import answer_token_ids, load_descriptions
     from lmbook.experiments.causal_tracing import causal_trace, subject_embedding_std
@@ -402,12 +403,23 @@ def ch2(models: Models, a) -> list[Result]:
         return (probs[:, 1:] - probs[:, :1]).mean(0)
 
     rep = b.select([0] * R)
+    fast = load_copy(model, "bfloat16")  # the copy chapter 2 traces on (TRACE_DTYPE)
+
+    def bf16_trace():
+        r = causal_trace(fast, b, span, target, noise, samples=samples, window=window, positions=positions)
+        return torch.cat([r.effects[k].flatten() for k in ("hidden", "mlp", "attention")])
+
+    def agree_trace(o):
+        d, db = maxdiff(o["library"], o["naive"]), maxdiff(o["library"], o["bf16 copy"])
+        return f"naive {d:.1e}, bf16 copy {db:.1e} (probability)", d < 1e-4 and db < 0.05
+
     out.append(run_case(
         2, "causal tracing restorations", GEMMA,
         f"1 fact x {samples} noise x {len(plan)} restorations ({len(positions)} positions)",
         "plain forward of the same rows", library_trace,
-        lambda: plain_last(model, rep), naive_trace, repeats=a.repeats,
-        agree=lambda o: _fmt_diff("naive", maxdiff(o["library"], o["naive"]), 1e-4)))
+        lambda: plain_last(model, rep), naive_trace,
+        {"bf16 copy": (bf16_trace, "the same restorations on a bfloat16 copy (load_copy)")},
+        repeats=a.repeats, agree=agree_trace))
 
     # enrichment: the logit lens at four positions, top-50, then the attributes rate in Python
     ef = facts[:4]

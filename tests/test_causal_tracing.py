@@ -16,6 +16,7 @@ from lmbook.experiments.causal_tracing import (
     _Hooks,
     causal_trace,
     causal_trace_looped,
+    precision_check,
     restoration_window,
     rome_categories,
     run_causal_tracing,
@@ -203,6 +204,39 @@ def test_run_causal_tracing_collects_each_fact(llama):
         with pytest.raises(ParameterError) as e:
             run_causal_tracing(llama, FACTS, progress=False, **{"window": 2, **kw})
         assert bad in one_line(e)
+
+
+def test_noise_std_reruns_the_first_facts_of_a_run_exactly(llama):
+    """``noise_std`` and ``head``: the first facts rerun with the run's noise scale are the same trace."""
+    run = run_causal_tracing(llama, FACTS, samples=2, window=2, seed=3, progress=False)
+    again = run_causal_tracing(llama, FACTS[:2], samples=2, window=2, seed=3, progress=False,
+                               noise_std=run.noise)
+    assert again.noise == run.noise and run.head(2).n_facts == 2
+    for kind in KINDS:
+        np.testing.assert_allclose(again.effects[kind], run.head(2).effects[kind], atol=1e-6)
+    # measured on its own two facts, the noise scale differs, and so do the effects
+    own = run_causal_tracing(llama, FACTS[:2], samples=2, window=2, seed=3, progress=False)
+    assert own.noise != pytest.approx(run.noise)
+    check = precision_check(run, again, n_boot=200)
+    assert check["n_facts"] == 2 and check["max_difference"] < 1e-6 and check["max_effect"] > 0
+    assert check["headline_fast"] == pytest.approx(check["headline_exact"], abs=1e-6)
+    with pytest.raises(ParameterError, match="noise_std=-1.0"):
+        run_causal_tracing(llama, FACTS[:1], window=2, noise_std=-1.0, progress=False)
+
+
+def test_precision_check_measures_the_largest_map_difference():
+    fast, exact = _synthetic(F=12), _synthetic(F=12).head(5)
+    exact.effects["mlp"][:, 2, CATEGORIES.index("last subject token")] += 0.02  # exact run 0.02 higher
+    check = precision_check(fast, exact, n_boot=200)
+    assert check["n_facts"] == 5 and check["max_difference"] == pytest.approx(0.02)
+    assert check["max_effect"] == pytest.approx(np.nanmax(np.abs(exact.average_effect("mlp"))))
+    assert check["headline_exact"] - check["headline_fast"] == pytest.approx(0.02)
+    assert check["half_width"] == 0.0  # most cells are 0 for every fact: their intervals have no width
+    for kind in KINDS:  # noise of sd 0.1 over 12 facts: half-widths near 1.96 * 0.1 / sqrt(12) = 0.057
+        fast.effects[kind] += np.random.default_rng(1).normal(0, 0.1, fast.effects[kind].shape)
+    assert 0.04 < precision_check(fast, exact, n_boot=200)["half_width"] < 0.07
+    with pytest.raises(ParameterError, match="first facts, layers and kinds"):
+        precision_check(fast.head(3), exact)
 
 
 def _synthetic(F=12, L=8):

@@ -46,6 +46,9 @@ def test_smoke_results(smoke_run):
     if p.get("N_TRACE", 1) > 0:
         assert 0.0 <= r["trace_p_corrupt"] <= 1.0 and 0.0 < r["trace_p_clean"] <= 1.0
         assert math.isfinite(r["trace_mlp_subject_last_peak"])
+        # the tracing copy's precision, measured against float32 on the traced facts (at most PRECISION_FACTS)
+        prec = r["trace_precision"][p["MODEL"]]
+        assert prec["n_facts"] == min(p["N_TRACE"], 6) and 0.0 <= prec["max_difference"] < 0.5
 
 
 def test_smoke_claims(smoke_run):

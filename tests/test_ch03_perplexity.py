@@ -71,6 +71,21 @@ def test_smoke_results(smoke_run):
     assert len(res["depth_layers"]) == 2 and res["depth_domain"] == params["CORPORA"][0]
     assert res["finding"]["verdict"] in {"reproduced", "partly", "not", "no_data"}
 
+    # the scored-only models ran as SCORE_DTYPE copies; the first of them also in float32 on a few segments
+    p = res["score_precision"]
+    assert res["score_dtype"] == params.get("SCORE_DTYPE", "bfloat16") != "float32"
+    other = next(m for m in params["COMPARE_MODELS"] if m != params["MODEL"])
+    assert p["model"] == other and p["domain"] == params["CORPORA"][0] and p["dtype"] == res["score_dtype"]
+    assert p["n_segments"] == params["PRECISION_SEGMENTS"] and 1 <= p["n_documents"] <= p["n_segments"]
+    d = p["difference"]
+    assert d["low"] <= d["value"] <= d["high"] and d["value"] == pytest.approx(p["bpb_fast"] - p["bpb_exact"])
+    scored = {(s["model"], s["domain"]): s["bits_per_byte"] for s in res["scores"]}
+    assert p["bpb"]["value"] == pytest.approx(scored[other, p["domain"]], rel=1e-6)
+    assert p["bpb"]["low"] <= p["bpb"]["value"] <= p["bpb"]["high"]
+    assert abs(d["value"]) < 0.05 * p["bpb_exact"]  # a change of precision, not of model
+    small = abs(d["value"]) <= 0.1 * p["half_width"]
+    assert res["claims"]["claim_score_precision"]["outcome"] == ("small" if small else "large")
+
     # knowledge
     assert 0 <= res["recall_base"] <= 1 and res["n_facts"] == params["FACTS_LIMIT"]
     for r in res["recall"]:

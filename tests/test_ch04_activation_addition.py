@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from claimcheck import assert_claims
 
@@ -40,6 +41,21 @@ def test_smoke_results(smoke_run):
     assert r["sentiment_selection_kept"][0] == pytest.approx(r["sentiment_effect_best"])
     assert r["topic_selection_kept"][0] == pytest.approx(r["topic_rate_best"])
     assert "Yesterday after work I" in r["prompts_shortened"]
+    # the sweeps ran on a copy in STEER_DTYPE, compared with float32 on the first selection prompts
+    pc, outcome = r["steer_precision"], r["claims"]["claim_steer_precision"]["outcome"]
+    assert r["steer_dtype"] == params.get("STEER_DTYPE", "bfloat16")
+    on_gpu = torch.cuda.is_available() and params.get("DEVICE", "auto") != "cpu"  # models load in bfloat16 there
+    if r["steer_dtype"] == ("bfloat16" if on_gpu else "float32"):  # no copy: nothing to compare
+        assert not pc and outcome == "exact"
+    elif params.get("PRECISION_N", 4) == 0:
+        assert not pc and outcome == "unchecked"
+    else:
+        assert 1 <= pc["n_prompts"] <= params.get("PRECISION_N", 4)
+        assert pc["n_configs"] == shape[0] * shape[1]
+        # the copy really ran (it differs from float32) and stays within the sweep's own noise and the budget
+        assert 0 < pc["sentiment_max_difference"] < pc["sentiment_half_width"]
+        assert 0 < pc["ppl_max_log_difference"] < math.log(params.get("MAX_PPL_RATIO", 1.25))
+        assert outcome in ("small", "large")
     n = params["N_EXAMPLE_SAMPLES"]
     assert len(r["examples"]) == 2 * 2 * n
     assert sum(e["steering"] == "none" for e in r["examples"]) == 2 * n

@@ -53,6 +53,15 @@ def test_smoke_results(smoke_run):
             ("added", "harmless"), ("random ablated", "harmful")} <= conds
     assert all(0.0 <= c["degenerate"] <= 1.0 for c in r["coherence"])
     assert r["finding"]["verdict"] in {"reproduced", "partly", "not", "no_data"}
+    # selection ran on an INFER_DTYPE copy; its scores rescored in float32 on PRECISION_N validation requests
+    prec, outcome = r["score_precision"], r["claims"]["claim_score_precision"]["outcome"]
+    if params.get("INFER_DTYPE", "bfloat16") == "float32" or prec is None:  # no copy (or on a GPU, in bf16)
+        assert prec is None and outcome == "exact"
+    else:
+        assert prec["n_requests"] == min(params.get("PRECISION_N", 8), params["N_VAL"])
+        assert set(prec["conditions"]) == {"harmful", "harmful, ablated", "harmless", "harmless, added"}
+        assert 0.0 < prec["max_difference"] < 1.0, "a bfloat16 copy moves the log-odds, but by little"
+        assert outcome == ("small" if prec["max_difference"] <= 0.1 * prec["half_width"] else "large")
 
 
 def test_smoke_claims(smoke_run):

@@ -42,6 +42,18 @@ def test_smoke_results(smoke_run):
     # one ranking for all tasks (the mean effect), and each task's own top heads for the overlap
     assert len(results["fv_heads_mean"]) == 10 and set(results["fv_top_heads"]) == set(params["FV_TASKS"])
     claims = results["claims"]
+    # the bfloat16 copy against float32: the same first validation queries of every task, every layer
+    pc = results["tv_precision"]
+    assert results["tv_dtype"] == params["TV_DTYPE"] == "bfloat16"
+    assert pc["n_queries"] == sum(min(params["PRECISION_N"], k) for k in n_val.values())
+    assert len(pc["curve_exact"]) == len(pc["curve_fast"]) == n and 0.0 <= pc["agreement"] <= 1.0
+    gap = max(abs(a - b) for a, b in zip(pc["curve_exact"], pc["curve_fast"]))
+    assert pc["max_difference"] == pytest.approx(gap)
+    assert pc["curve_exact"][pc["layer_exact"]] == max(pc["curve_exact"])
+    assert pc["curve_fast"][pc["layer_fast"]] == max(pc["curve_fast"])
+    assert 0.0 <= pc["prob_difference"] <= 1.0
+    expected = "small" if pc["agreement"] >= 0.95 else "large"
+    assert claims["claim_tv_precision"]["outcome"] == expected
     assert claims["claim_fv_heads_shared"]["outcome"] in ("beyond_chance", "chance", "none")
     assert claims["claim_letters_vs_paper"]["outcome"] == "no_letters"  # the smoke file's letters are its own
 

@@ -30,6 +30,27 @@ def test_logits_nll_is_the_masked_cross_entropy():
             torch.testing.assert_close(nll[b, t], want)
 
 
+def test_logits_nll_in_chunks_equals_one_pass_and_keeps_gradients():
+    """Chunks of rows (here 2 logits rows at a time) and bfloat16 logits give the one-pass
+    cross-entropy; the gradient reaches the logits as training needs."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 9, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 9))
+    mask = (torch.rand(3, 8) > 0.3).float()
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1),
+                                            reduction="none").view(3, 8) * mask
+    got = logits_nll(logits, ids, mask, chunk_elements=22)
+    torch.testing.assert_close(got, ref)
+    g_ref, = torch.autograd.grad(ref.sum(), logits)
+    g_got, = torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(g_got, g_ref)
+    half = logits.detach().to(torch.bfloat16)
+    ref16 = torch.nn.functional.cross_entropy(half[:, :-1].float().reshape(-1, 11), ids[:, 1:].reshape(-1),
+                                              reduction="none").view(3, 8) * mask
+    torch.testing.assert_close(logits_nll(half, ids, mask, chunk_elements=11), ref16)
+    assert logits_nll(logits[:, :1], ids[:, :1], mask[:, :0]).shape == (3, 0)
+
+
 def test_encode_texts_puts_one_start_token_first_and_counts_bytes(llama):
     sc = encode_texts(llama, ["the city of paris", "rome"])
     start = start_token_id(llama)  # None: the tiny tokenizer adds its own <bos>

@@ -389,3 +389,33 @@ def test_empty_model_name_is_not_the_current_folder():
         check_model_name("")
     with pytest.raises(ModelNotAvailableError, match=r"LENS_MODELS\[1\]"):
         check_model_name("nope", "LENS_MODELS[1]")
+
+
+def test_load_copy_is_a_dispatched_lower_precision_twin(llama):
+    """``load_copy``: the same checkpoint in bfloat16 (weights loaded, not left on the meta device),
+    close to the float32 model's output; the model itself when the dtype already matches."""
+    from lmbook.core.models import load_copy, model_dtype
+
+    assert load_copy(llama, "float32") is llama
+    fast = load_copy(llama, "bfloat16")
+    assert fast is not llama and model_dtype(fast) == torch.bfloat16 and model_dtype(llama) == torch.float32
+    ids = encode(llama, PROMPTS[:1], start=True).input_ids
+    with torch.no_grad():
+        emb = fast._model.get_input_embeddings()(ids)  # a module called directly: needs real weights
+        a = llama._model(ids).logits.float().log_softmax(-1)
+        b = fast._model(ids).logits.float().log_softmax(-1)
+    assert emb.dtype == torch.bfloat16 and not emb.is_meta
+    assert (a - b).abs().max() < 0.1 and not torch.equal(a, b)
+    # the copy takes the model's current weights, not the checkpoint's: a changed model is copied changed
+    w = llama._model.get_input_embeddings().weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(2.0)
+        twice = load_copy(llama, "bfloat16")._model.get_input_embeddings().weight
+        torch.testing.assert_close(twice.float(), (2.0 * saved).to(torch.bfloat16).float())
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    with pytest.raises(ParameterError, match="unknown dtype 'half'"):
+        load_copy(llama, "half")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmbook.core.models import load_model
+from lmbook.core.params import ParameterError
 from lmbook.core.records import to_jsonable
 from lmbook.data.corpora import build_corpus, check_corpora
 from lmbook.data.facts import Fact
@@ -30,6 +31,7 @@ from lmbook.experiments.perplexity import (
     recall_changes,
     run_directions,
     score_models,
+    score_precision,
     similarity,
     summarize,
     token_class,
@@ -310,3 +312,45 @@ def test_lr_schedule():
     assert all(f(i) >= f(i + 1) for i in range(2, 9))
     g = lr_schedule(10, warmup=0)
     assert all(g(i) == 1.0 for i in range(10))
+
+
+def test_scored_only_models_in_bfloat16_with_a_float32_comparison(tiny_dirs, tiny_models, corpora, test_device):
+    """The model that is trained is scored as loaded; the others on bfloat16 copies, and the first of
+    them also scores a few segments of the first domain in float32, which :func:`score_precision`
+    compares; the same segments scored in float32 directly give the recorded exact bits per byte."""
+    main, other = str(tiny_dirs["llama"]), str(tiny_dirs["gpt2"])
+    model = tiny_models["llama"]
+    scores = score_models(model, main, [main, other], corpora, n_frozen=0, device=test_device, dtype="bfloat16",
+                          precision_segments=2)
+    p = scores.precision
+    assert scores.dtype == "bfloat16" and p["model"] == other and p["domain"] == corpora[0].name
+    assert p["n_segments"] == 2 and 1 <= p["n_documents"] <= 2
+    table = scores.table.set_index(["model", "domain"])
+    assert p["bpb"]["value"] == pytest.approx(table.loc[(other, corpora[0].name), "bits_per_byte"], rel=1e-6)
+    assert p["half_width"] == pytest.approx((p["bpb"]["high"] - p["bpb"]["low"]) / 2)
+    d = p["difference"]
+    assert d["low"] <= d["value"] <= d["high"]
+    assert d["value"] == pytest.approx(p["bpb_fast"] - p["bpb_exact"], abs=1e-9)
+    assert abs(d["value"]) < 0.1 * p["bpb_exact"]  # a precision change, not another model
+    exact_model = load_model(other, device=test_device, dtype=torch.float32, attention_probs=False)
+    sc = encode_texts(exact_model, corpora[0].test)
+    sub = sc.select(evenly_spaced(range(len(sc)), 2))
+    assert p["bpb_exact"] == pytest.approx(summarize(token_nll(exact_model, sub), sub)["bits_per_byte"], rel=1e-6)
+    # the trained model's own scores stay in its dtype: those of a float32 run
+    exact = score_models(model, main, [main], corpora, n_frozen=0, device=test_device)
+    assert exact.precision is None and exact.dtype == "float32"
+    assert exact.table["nats"].tolist() == table.loc[main, "nats"].tolist()
+    assert to_jsonable(scores.records())["score_precision"] == p
+
+
+def test_score_precision_of_identical_scores_is_zero(tiny_models):
+    model = tiny_models["llama"]
+    sc = encode_texts(model, TEXTS)
+    nll = token_nll(model, sc)
+    p = score_precision(nll, nll[[0, 2]], sc, ["a", "a", "b"], [0, 2])
+    assert p["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0} and p["n_documents"] == 2
+    sub = sc.select([0, 2])
+    w = sub.batch.input_ids.shape[1] - 1
+    assert p["bpb_fast"] == p["bpb_exact"] == pytest.approx(summarize(nll[[0, 2], :w], sub)["bits_per_byte"])
+    with pytest.raises(ParameterError, match="3 rows for 2 segments"):
+        score_precision(nll, nll, sc, ["a", "a", "b"], [0, 2])

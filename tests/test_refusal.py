@@ -26,6 +26,7 @@ from lmbook.experiments.refusal import (
     repeated_ngram_share,
     reply_nll,
     runner_up,
+    score_precision,
     select_direction,
     text_nll,
     text_perplexity,
@@ -174,6 +175,30 @@ def test_select_direction_and_text_nll(llama):
     ref = logits_nll(logits, hb.input_ids, hb.attention_mask[:, 1:]).sum(-1)
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(c, hb.attention_mask[:, 1:].sum(-1))
+
+
+def test_score_precision_compares_the_same_scores_in_two_precisions(llama):
+    """``score_precision``: against itself every difference is an exact zero; each condition's mean is
+    the refusal score selection reads in that condition; a bfloat16 copy differs, but little."""
+    from lmbook.core.models import load_copy
+
+    hb, sb = encode_prompts(llama, HARMFUL, "plain"), encode_prompts(llama, HARMLESS, "plain")
+    r = mean_diff_directions(llama, hb, sb, n_positions=1)[0, 1]
+    same = score_precision(llama, llama, hb, sb, r, 1, [5, 6])
+    assert same["max_difference"] == 0.0 and same["n_requests"] == 3
+    c = same["conditions"]
+    assert set(c) == {"harmful", "harmful, ablated", "harmless", "harmless, added"}
+    for name, kw, b in [("harmful", {}, hb), ("harmful, ablated", {"ablate": r}, hb), ("harmless", {}, sb),
+                        ("harmless, added", {"add": {1: r}}, sb)]:
+        own = float(refusal_score(last_logprobs(llama, b, **kw), [5, 6]).mean())
+        assert c[name]["exact"] == pytest.approx(own, abs=1e-5), name
+        assert c[name]["half_width"] > 0.0 and c[name]["max_request_difference"] == 0.0
+    assert same["half_width"] == min(x["half_width"] for x in c.values())
+    assert c["harmful, ablated"]["exact"] != c["harmful"]["exact"], "the ablation changes the score"
+    fast = score_precision(llama, load_copy(llama, "bfloat16"), hb, sb, r, 1, [5, 6])
+    assert 0.0 < fast["max_difference"] < 0.5
+    for name, x in fast["conditions"].items():
+        assert x["exact"] == c[name]["exact"] and abs(x["exact"] - x["fast"]) <= x["max_request_difference"]
 
 
 

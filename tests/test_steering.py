@@ -298,3 +298,30 @@ def test_measures_on_a_tiny_model(llama):
     assert out["hits/kept"].shape == out["words"].shape == (2, 2)
     assert np.all(out["hits/kept"] <= out["hits/all"]) and len(out["texts"][0][1]) == 2
 
+
+
+# --- the chapter's sweeps run on a bfloat16 copy (lmbook.core.models.load_copy) ---------------------------------
+
+def test_sweeps_on_a_bfloat16_copy(llama):
+    """The vector is read in float32 and cast as it is added to the copy's bfloat16 stream: a zero coefficient
+    still changes nothing, steering still moves the outputs, and the copy's log-probabilities and losses stay
+    close to the float32 model's without equalling them (so it is the copy that ran)."""
+    from lmbook.core.models import load_copy, model_dtype
+
+    fast = load_copy(llama, "bfloat16")
+    assert model_dtype(fast) == torch.bfloat16
+    sv = contrast_vector(llama, "paris france", "rome italy", layers=[0, 1])  # float32, 3 positions
+    configs = [(None, 0.0), (1, 0.0), (0, 2.0), (1, 4.0)]
+    lp16 = steered_target_logprobs(fast, PROMPTS, sv, configs, torch.arange(10))
+    lp32 = steered_target_logprobs(llama, PROMPTS, sv, configs, torch.arange(10))
+    assert lp16.dtype == torch.float32 and lp16.shape == lp32.shape
+    assert torch.equal(lp16[0], lp16[1]), "a zero coefficient changes nothing on the copy either"
+    assert not torch.allclose(lp16[0], lp16[3]), "the cast vector still steers"
+    assert (lp16 - lp32).abs().max() < 0.1 and not torch.equal(lp16, lp32)
+    text = "the eiffel tower is located in the city of"
+    s16, c16 = steered_nll(fast, [text], sv, configs, prefix="a big red city")
+    s32, c32 = steered_nll(llama, [text], sv, configs, prefix="a big red city")
+    assert torch.equal(c16, c32) and torch.equal(s16[0], s16[1])
+    torch.testing.assert_close(s16, s32, rtol=0.02, atol=0.2)
+    out = steered_generate(fast, PROMPTS[0], sv, configs, max_new_tokens=3, sample=False)
+    assert len(out) == 4 and out[0] == out[1]

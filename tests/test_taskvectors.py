@@ -1,5 +1,7 @@
 """Task-vector patching, greedy decoding and per-head outputs on tiny random models (chapter 6)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,3 +136,67 @@ def test_head_patch_effects_without_a_cache(llama, monkeypatch):
     real = tv.prefix_cache
     monkeypatch.setattr(tv, "prefix_cache", lambda m, batch: (real(m, batch)[0], None))
     torch.testing.assert_close(head_patch_effects(llama, b, mean_z, TARGETS, max_rows=7), cached, atol=1e-6, rtol=1e-5)
+
+
+def _shift_split(n_val: int = 5):
+    from lmbook.data.tasks import Task, split_task
+
+    from tiny import WORDS
+
+    words = [w for w in WORDS if w not in ("the", "a")]
+    task = Task("shift", tuple((a, b) for a, b in zip(words[:30], words[1:31])), "test")
+    return split_task(task, n_val=n_val, n_test=4, min_demos=8, seed=0)
+
+
+def test_validation_sweep_is_the_curve_and_its_first_queries(llama):
+    """run_task_vectors' validation curve is the sweep's accuracy; the first n queries get the same prompts,
+    and so the same readings, as in a sweep over all of them (what sweep_precision relies on)."""
+    from lmbook.core.tokens import answer_token_ids
+    from lmbook.data.tasks import first_token_correct
+    from lmbook.experiments.taskvectors import run_task_vectors, validation_sweep
+
+    split = _shift_split()
+    full = validation_sweep(llama, split, k=3, n_dummy=2, seed=0)
+    assert full.top1.shape == full.target_logprob.shape == (llama.num_layers, 5)
+    tg = answer_token_ids(llama, [y for _, y in split.val])
+    r = run_task_vectors(llama, split, k=3, n_dummy=2, seed=0)
+    torch.testing.assert_close(r.val_curve, first_token_correct(full.top1, tg).float().mean(1))
+    head = validation_sweep(llama, dataclasses.replace(split, val=split.val[:2]), k=3, n_dummy=2, seed=0)
+    assert torch.equal(head.top1, full.top1[:, :2])
+    torch.testing.assert_close(head.target_logprob, full.target_logprob[:, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_precision(llama):
+    """The model against itself agrees exactly; against a bfloat16 copy the summary is that of the two sweeps."""
+    from lmbook.core.models import load_copy
+    from lmbook.core.tokens import answer_token_ids
+    from lmbook.data.tasks import first_token_correct
+    from lmbook.experiments.taskvectors import sweep_precision, validation_sweep
+
+    split = _shift_split()
+    same = sweep_precision(llama, llama, {"shift": split}, k=3, n_dummy=2, n=3)
+    assert same["n_queries"] == 3 and same["agreement"] == 1.0
+    assert same["max_difference"] == same["prob_difference"] == 0.0
+    assert same["layer_exact"] == same["layer_fast"] and same["curve_exact"] == same["curve_fast"]
+    fast = load_copy(llama, "bfloat16")
+    pc = sweep_precision(llama, fast, {"shift": split, "again": split}, k=3, n_dummy=2, n=2)
+    sub = dataclasses.replace(split, val=split.val[:2])
+    a, b = (validation_sweep(m, sub, k=3, n_dummy=2) for m in (llama, fast))
+    assert pc["n_queries"] == 4 and pc["agreement"] == pytest.approx(float((a.top1 == b.top1).float().mean()))
+    tg = answer_token_ids(llama, [y for _, y in sub.val])
+    curve = first_token_correct(b.top1, tg).float().mean(1)
+    assert pc["curve_fast"] == pytest.approx(curve.tolist())
+    diff = (b.target_logprob.exp().mean(1) - a.target_logprob.exp().mean(1)).abs().max()
+    assert pc["prob_difference"] == pytest.approx(float(diff), abs=1e-6)
+    # run_task_vectors with a copy: the validation curve is the copy's sweep, the test scores the model's
+    from lmbook.experiments.taskvectors import run_task_vectors
+
+    r = run_task_vectors(llama, split, k=3, n_dummy=2, seed=0, fast=fast)
+    ref = run_task_vectors(llama, split, k=3, n_dummy=2, seed=0)
+    full = validation_sweep(fast, split, k=3, n_dummy=2)
+    tg = answer_token_ids(llama, [y for _, y in split.val])
+    torch.testing.assert_close(r.val_curve, first_token_correct(full.top1, tg).float().mean(1))
+    if r.layer == ref.layer:
+        assert r.generations == ref.generations
+    with pytest.raises(ParameterError, match="n=0"):
+        sweep_precision(llama, fast, {"shift": split}, k=3, n_dummy=2, n=0)

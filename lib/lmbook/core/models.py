@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from lmbook.core.params import LmbookError, ParameterError, check_device
+from lmbook.core.params import LmbookError, ParameterError, check_device, check_dtype
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -559,9 +559,12 @@ def load_model(
 
     ``device="auto"``: the GPU, or all GPUs (sharded, ``device_map="auto"``) where there are
     several, else the CPU. ``device_map`` (a transformers device map) overrides it, e.g. to split a
-    model over two devices. ``remote``: ``True`` runs every trace and generation on NDIF (a hub id;
-    only the config and tokenizer are read here, checked first by :func:`check_ndif`), ``"local"``
-    simulates that request locally, ``None`` reads ``$LMBOOK_REMOTE``.
+    model over two devices. ``dtype``: the parameters' dtype (default float32 on the CPU, bfloat16 on a
+    GPU); nnterp's attention check does not pass in bfloat16, so a bfloat16 model needs
+    ``attention_probs=False`` (:func:`load_copy` loads such a copy for a chapter's heavy loops).
+    ``remote``: ``True`` runs every trace and generation on NDIF (a hub id; only the config and
+    tokenizer are read here, checked first by :func:`check_ndif`), ``"local"`` simulates that request
+    locally, ``None`` reads ``$LMBOOK_REMOTE``.
     """
     kind = check_model_name(name)
     remote = _remote_value(remote)
@@ -620,6 +623,11 @@ def load_model(
             f"could not load the {kind} model {name!r} from {source}{where}: {_one_line(e)}{hint}"
         ) from e
     if not remote:
+        if not getattr(model, "dispatched", True):
+            # nnterp's check trace dispatches the weights when it reads attention probabilities; without
+            # it they would stay on the meta device until the first trace, and code that calls a module
+            # directly (say the embedding, for causal tracing's noise scale) would find no data.
+            model.dispatch()
         model._model.requires_grad_(False)
         model._model.eval()
     model.lmbook_name = name
@@ -759,6 +767,30 @@ def check_ndif(name: str, timeout: float | None = None) -> None:
             f"remote=True: NDIF does not serve {name!r} now; it serves: {listed or 'no model'} "
             f"(see `python -c 'import nnsight; print(nnsight.ndif.status())'`)"
         )
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype of a loaded local model's parameters (float32 for a remote one, whose weights are not here)."""
+    if getattr(model, "lmbook_remote", False) is True:
+        return torch.float32
+    return next(model._model.parameters()).dtype
+
+
+def load_copy(model, dtype: str):
+    """A second copy of ``model`` (same checkpoint, same devices) with ``dtype`` parameters (a name of
+    :data:`lmbook.core.params.DTYPES`), for a chapter's heavy inference loops: on a CPU with bfloat16
+    matrix units (this book's build machine) a bfloat16 forward is several times faster than a float32
+    one. The copy reads no attention probabilities (nnterp's check fails in bfloat16). Returns ``model``
+    itself when it already has that dtype or runs remotely. The copy takes ``model``'s current weights
+    (cast), so a fine-tuned model is copied as fine-tuned. A chapter that uses a copy shows how much it
+    changes its numbers against ``model`` (chapter 2's causal tracing does)."""
+    dt = getattr(torch, check_dtype("dtype", dtype))
+    if getattr(model, "lmbook_remote", False) or model_dtype(model) == dt:
+        return model
+    copy = load_model(model.lmbook_name, device_map=model.lmbook_device, dtype=dt, attention_probs=False)
+    with torch.no_grad():
+        copy._model.load_state_dict(model._model.state_dict())  # copy_ casts to the copy's dtype
+    return copy
 
 
 def refuse_remote(model, what: str) -> None:

@@ -188,6 +188,16 @@ def check_device(name: str, value: Any) -> str:
     return value
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(name: str, value: Any) -> str:
+    """One of :data:`DTYPES` (a model's parameter dtype, by name). Returns the value unchanged."""
+    if value not in DTYPES:
+        raise ParameterError(f"unknown {name} {value!r}; valid: {', '.join(repr(d) for d in DTYPES)}")
+    return value
+
+
 def check_results_dir(name: str, value: Any) -> Path:
     """A folder results can be written to, without creating or writing anything now: a non-empty
     path (absolute or relative to the project root) that is an existing writable folder, or that

@@ -644,6 +644,12 @@ class CausalTracingRun:
                 "mlp_subject_last_depth": self.peak_depth(*mlp, n_boot, seed),
                 "attention_last_layer": self.peak_layer(*att, n_boot, seed)}
 
+    def head(self, k: int) -> "CausalTracingRun":
+        """The same run restricted to its first ``k`` facts."""
+        return dataclasses.replace(self, effects={n: e[:k] for n, e in self.effects.items()},
+                                   p_clean=self.p_clean[:k], p_corrupt=self.p_corrupt[:k],
+                                   traces=self.traces[:k], categories=self.categories[:k], tokens=self.tokens[:k])
+
     def summary(self) -> dict:
         """Mean clean and corrupted probabilities, the protocol's settings, and for each kind the peak of
         the average indirect effect (value, layer, category) overall, at the last subject token and at
@@ -703,7 +709,8 @@ def trace_layers(n_layers: int, stride: int = 1) -> list[int]:
 def run_causal_tracing(model, facts: Sequence[Fact], noise_factor: float = 3.0, samples: int = 10,
                        window: int = 10, seed: int = 0, layer_stride: int = 1, kinds=KINDS,
                        max_rows: int = 512, progress: bool = True, layers: Sequence[int] | None = None,
-                       bands: int = 4, rows: Sequence[str] = CATEGORIES) -> CausalTracingRun:
+                       bands: int = 4, rows: Sequence[str] = CATEGORIES,
+                       noise_std: float | None = None) -> CausalTracingRun:
     """ROME's causal tracing of each fact (chapter 2). Prompts are encoded with the start token; the
     noise has ``noise_factor`` times the standard deviation of the facts' subject-token embeddings
     (ROME: 3) and ``samples`` draws per fact (ROME: 10; fact ``i`` seeded ``seed + i``); every position
@@ -715,7 +722,9 @@ def run_causal_tracing(model, facts: Sequence[Fact], noise_factor: float = 3.0, 
 
     ``rows``: the categories whose positions are restored (default all of ROME's); the others stay NaN.
     Restoring only ``("last subject token", "last token")`` pays for many more facts and noise draws:
-    a last-token restoration recomputes one position only."""
+    a last-token restoration recomputes one position only. ``noise_std``: the noise's standard deviation
+    itself, instead of ``noise_factor`` times the one measured on ``facts`` (to rerun some facts with
+    another run's noise, as :func:`precision_check` does)."""
     from tqdm.auto import tqdm
 
     facts = list(facts)
@@ -736,7 +745,10 @@ def run_causal_tracing(model, facts: Sequence[Fact], noise_factor: float = 3.0, 
             raise ParameterError(f"layers must be layers of the model, 0..{model.num_layers - 1}; got {layers}")
     b = encode(model, [f.prompt for f in facts], start=True)
     spans = torch.tensor([token_span(b, i, f.subject) for i, f in enumerate(facts)])
-    noise = noise_factor * subject_embedding_std(model, b, spans)
+    if noise_std is None:
+        noise = noise_factor * subject_embedding_std(model, b, spans)
+    else:
+        noise = check_float("noise_std", noise_std, 0.0)
     target = answer_token_ids(model, facts)
     eff = {k: np.full((len(facts), len(layers), len(CATEGORIES)), np.nan) for k in kinds}
     pc, pk, traces, cats, toks = [], [], [], [], []
@@ -760,3 +772,37 @@ def run_causal_tracing(model, facts: Sequence[Fact], noise_factor: float = 3.0, 
         toks.append(decode_tokens(model, one.input_ids[0, :last + 1]))
     return CausalTracingRun(eff, np.array(pc), np.array(pk), noise, layers, model.num_layers, samples, window,
                             traces, cats, toks)
+
+
+def precision_check(fast: CausalTracingRun, exact: CausalTracingRun, n_boot: int = 1000,
+                    seed: int = 0) -> dict:
+    """How much running causal tracing in a lower precision (``fast``, say a bfloat16 copy of the model
+    from :func:`lmbook.core.models.load_copy`) changes it, against ``exact`` (the same facts, noise
+    draws and noise scale in float32: ``run_causal_tracing(..., noise_std=fast.noise)`` on the first
+    facts of ``fast``). Over the facts ``exact`` has:
+
+    * ``max_difference``: the largest absolute difference between the two runs' fact-averaged maps
+      (every kind, layer and category), in units of probability;
+    * ``max_effect``: the largest absolute fact-averaged effect of ``exact``;
+    * ``half_width``: the median half-width of ``fast``'s 95% bootstrap intervals over all its facts
+      (every kind and cell): the sampling uncertainty the precision change is set against;
+    * ``headline_fast`` / ``headline_exact``: ``mlp_minus_attention`` of both runs on those facts;
+    * ``n_facts``: how many facts were compared.
+    """
+    k = exact.n_facts
+    if k == 0 or fast.n_facts < k or fast.layers != exact.layers or set(fast.effects) != set(exact.effects):
+        raise ParameterError("precision_check needs an exact run on the first facts, layers and kinds of the fast run")
+    sub = fast.head(k)
+    diffs, effs, widths = [], [], []
+    for kind in exact.effects:
+        d = sub.average_effect(kind) - exact.average_effect(kind)
+        diffs.append(np.nanmax(np.abs(d)) if not np.isnan(d).all() else 0.0)
+        effs.append(np.nanmax(np.abs(exact.average_effect(kind))) if not np.isnan(d).all() else 0.0)
+        w = fast.interval_width(kind, n_boot, seed) / 2
+        widths.append(w[~np.isnan(w)])
+    w = np.concatenate(widths)
+    hf = sub.peak_difference(n_boot=n_boot, seed=seed).value
+    he = exact.peak_difference(n_boot=n_boot, seed=seed).value
+    return {"n_facts": k, "max_difference": float(max(diffs)), "max_effect": float(max(effs)),
+            "half_width": float(np.median(w)) if len(w) else math.nan,
+            "headline_fast": float(hf), "headline_exact": float(he)}

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from lmbook.core.claims import Estimate, compare
-from lmbook.core.params import check_float, check_int
+from lmbook.core.params import ParameterError, check_dtype, check_float, check_int
 from lmbook.core.stats import bootstrap_ci, cluster_ratio_bootstrap
 from lmbook.core.tokens import Batch, encode
 from lmbook.core.tokens import _tokenizer as _tok
@@ -51,7 +51,7 @@ from lmbook.mechanisms.training import (
 
 __all__ = ["LN2", "summarize", "CLASSES", "WHITESPACE", "token_class", "token_texts", "token_table", "class_shares",
            "top_token_shares", "ppl_excluding", "readable_tokens", "evenly_spaced", "AdaptResult", "adapt",
-           "bpb_change", "direction", "ModelScores", "score_models", "TokenizerGap", "tokenizer_gap",
+           "bpb_change", "direction", "ModelScores", "score_precision", "score_models", "TokenizerGap", "tokenizer_gap",
            "LossConcentration", "loss_concentration", "Baseline", "adaptation_baseline", "AdaptationRun", "Sweep",
            "adaptation_sweep", "DepthComparison", "depth_comparison", "Similarity", "unigram_js", "similarity",
            "ChangeDrivers", "change_drivers", "RecallChanges", "recall_changes", "run_directions"]
@@ -276,7 +276,9 @@ class ModelScores:
     """Section 1 of chapter 3. ``table``: one row per (model, domain) with :func:`summarize`'s
     columns; ``tokens[model, domain]``: its :func:`token_table`. For the trained model ``main``:
     ``tests[domain]`` (the encoded test segments), ``nll[domain]`` (``[B, T-1]`` per-token losses)
-    and ``states[domain]`` (the output of its lower ``n_frozen`` blocks, ``None`` when 0)."""
+    and ``states[domain]`` (the output of its lower ``n_frozen`` blocks, ``None`` when 0).
+    ``dtype``: the parameters' dtype of the models that are only scored; ``precision``: what that
+    dtype changed (:func:`score_precision`), ``None`` when not measured."""
 
     main: str
     models: list[str]
@@ -288,22 +290,67 @@ class ModelScores:
     nll: dict[str, torch.Tensor]
     states: dict[str, torch.Tensor | None]
     sources: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # the document of each test segment
+    dtype: str = "float32"
+    precision: dict | None = None
 
     def records(self) -> dict:
-        return {"scores": self.table.to_dict(orient="records"), "n_scored_models": len(self.models)}
+        return {"scores": self.table.to_dict(orient="records"), "n_scored_models": len(self.models),
+                "score_dtype": self.dtype, "score_precision": self.precision}
+
+
+def score_precision(fast: torch.Tensor, exact: torch.Tensor, scored: Scored, sources: Sequence[str],
+                    idx: Sequence[int], seed: int = 0) -> dict:
+    """How much scoring a test set in a lower precision changes its bits per byte. ``fast``: the
+    per-token losses ``[B, T-1]`` of every segment of ``scored`` from the lower-precision model;
+    ``exact``: those of the segments ``idx`` (``[len(idx), T'-1]``) from the same model in float32;
+    ``sources``: the document of each segment. Returns ``bpb_fast`` / ``bpb_exact`` on those
+    segments, ``difference`` (fast minus exact, bits per byte, with its 95% interval over their
+    documents), ``bpb`` (the whole test set's bits per byte in the lower precision with its 95%
+    interval over documents: the uncertainty the difference is set against) and ``half_width``
+    (of that interval), ``n_segments`` and ``n_documents`` compared."""
+    idx = list(idx)
+    sub = scored.select(idx)
+    if exact.shape[0] != len(idx) or not idx:
+        raise ParameterError(f"exact has {exact.shape[0]} rows for {len(idx)} segments")
+    mask = sub.target_mask
+    w = min(exact.shape[1], mask.shape[1])
+    seg_exact = (exact[:, :w] * mask[:, :w]).sum(1).numpy().astype(float)
+    seg_fast_all = (fast * scored.target_mask).sum(1).numpy().astype(float)
+    seg_fast = seg_fast_all[idx]
+    nb = sub.nbytes.numpy().astype(float)
+    docs = [sources[i] for i in idx]
+    diff = bpb_change(seg_fast - seg_exact, nb, docs, seed=seed)
+    v, lo, hi = cluster_ratio_bootstrap(seg_fast_all / LN2, scored.nbytes.numpy().astype(float), list(sources),
+                                        seed=seed)
+    bpb = Estimate(float(v), float(lo), float(hi))
+    return {"n_segments": len(idx), "n_documents": len(set(docs)),
+            "bpb_exact": float(seg_exact.sum() / LN2 / nb.sum()), "bpb_fast": float(seg_fast.sum() / LN2 / nb.sum()),
+            "difference": diff.to_json(), "bpb": bpb.to_json(), "half_width": (bpb.high - bpb.low) / 2}
 
 
 def score_models(model, main: str, models: Sequence[str], corpora, *, n_frozen: int, device: str = "auto",
-                 batch_size: int = 4) -> ModelScores:
+                 batch_size: int = 4, dtype: str = "float32", precision_segments: int = 0,
+                 seed: int = 0) -> ModelScores:
     """Score the test segments of every corpus with every model in ``models`` (``main`` is the
-    loaded ``model``; the others are loaded here, one at a time). For ``main`` the same traces
-    also keep the output of its lower ``n_frozen`` blocks, which section 3 trains on top of."""
+    loaded ``model``, scored as loaded: every training change of section 3 is measured from its
+    scores; the others are loaded here, one at a time, with ``dtype`` parameters and without
+    attention probabilities, since they are only scored). For ``main`` the same traces also keep
+    the output of its lower ``n_frozen`` blocks, which section 3 trains on top of.
+
+    With ``precision_segments > 0`` and ``dtype`` other than float32, the first model other than
+    ``main`` also scores that many segments, spread evenly over the first corpus's test set, in
+    float32 (a second load of it), and :func:`score_precision` compares the two (``precision``)."""
     from lmbook.core.models import load_model
 
     check_int("n_frozen", n_frozen, 0, model.num_layers - 1)
+    check_dtype("dtype", dtype)
+    check_int("precision_segments", precision_segments, 0)
     rows, tables, tests, nlls, states = [], {}, {}, {}, {}
+    sources = {c.name: list(c.test_sources) or [f"segment {i}" for i in range(len(c.test))] for c in corpora}
+    precision, check = None, precision_segments > 0 and dtype != "float32"
     for name in models:
-        m = model if name == main else load_model(name, device=device)
+        m = model if name == main else load_model(name, device=device, dtype=getattr(torch, dtype),
+                                                  attention_probs=False)
         for c in corpora:
             sc = encode_texts(m, c.test)
             if name == main and n_frozen:
@@ -314,10 +361,20 @@ def score_models(model, main: str, models: Sequence[str], corpora, *, n_frozen: 
             tables[name, c.name] = token_table(m, sc, nll, model=name, domain=c.name)
             if name == main:
                 tests[c.name], nlls[c.name], states[c.name] = sc, nll, st
-        del m
-    sources = {c.name: list(c.test_sources) or [f"segment {i}" for i in range(len(c.test))] for c in corpora}
+            elif c is corpora[0]:
+                first = sc, nll
+        remote = getattr(m, "lmbook_remote", False)
+        del m  # one model loaded besides ``model`` at a time
+        if name != main and check and precision is None and not remote:  # the same segments in float32
+            sc, nll = first
+            idx = evenly_spaced(range(len(sc)), precision_segments)
+            exact_model = load_model(name, device=device, dtype=torch.float32, attention_probs=False)
+            exact = token_nll(exact_model, sc.select(idx), batch_size)
+            del exact_model
+            precision = {"model": name, "domain": corpora[0].name, "dtype": dtype,
+                         **score_precision(nll, exact, sc, sources[corpora[0].name], idx, seed=seed)}
     return ModelScores(main, list(models), [c.name for c in corpora], n_frozen, pd.DataFrame(rows), tables,
-                       tests, nlls, states, sources)
+                       tests, nlls, states, sources, dtype, precision)
 
 
 @dataclasses.dataclass

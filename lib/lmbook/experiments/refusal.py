@@ -42,7 +42,7 @@ import torch
 
 from lmbook.core.models import refuse_remote, trace
 from lmbook.core.params import ParameterError, check_choice, check_float, check_int
-from lmbook.core.stats import Share, share
+from lmbook.core.stats import Share, bootstrap_ci, share
 from lmbook.core.tokens import Batch, pad_ids, pad_token_id
 from lmbook.data.instructions import SPLITS, load_instructions  # the reader of chapter 5's data files
 from lmbook.mechanisms.generation import generate_ids
@@ -68,6 +68,7 @@ __all__ = [
     "kl_divergence",
     "Selection",
     "select_direction",
+    "score_precision",
     "generate",
     "generate_conditions",
     "text_nll",
@@ -336,6 +337,37 @@ def select_direction(
     p, l = chosen
     return Selection(p, l, candidates[p, l].clone(), bypass, induce, kl, float(base_h.mean()), float(base_s.mean()),
                      passed, rule)
+
+
+def score_precision(exact, fast, harmful: Batch, harmless: Batch, direction, layer: int, refusal_ids,
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """How much scoring on ``fast`` (a lower-precision copy of ``exact`` from
+    :func:`lmbook.core.models.load_copy`) changes the refusal scores :func:`select_direction` reads.
+    Each request of ``harmful`` and ``harmless`` (right-padded) is scored on both models in four
+    conditions: ``"harmful"`` as it is and ``"harmful, ablated"`` with ``direction`` ablated,
+    ``"harmless"`` as it is and ``"harmless, added"`` with it added after ``layer``. Returns
+    ``conditions`` (per condition the mean ``exact`` and ``fast`` score, the largest per-request
+    difference and the 95% bootstrap half-width of ``exact``'s mean over the requests),
+    ``max_difference`` (the largest absolute difference between a condition's two means),
+    ``half_width`` (the narrowest condition's half-width: the sampling uncertainty a difference is set
+    against) and ``n_requests`` (per kind)."""
+    d = exact.hidden_size
+    r = torch.as_tensor(direction, dtype=torch.float32).reshape(d)
+    conds = {}
+    for kind, batch in (("harmful", harmful), ("harmless", harmless)):
+        n = len(batch)
+        twice = batch.select(list(range(n)) * 2)  # as it is, then with the intervention
+        rows = torch.cat([torch.zeros(n, d), r.expand(n, d)])
+        edit = {"ablate": rows} if kind == "harmful" else {"add": {layer: rows}}
+        a, f = (refusal_score(last_logprobs(m, twice, **edit), refusal_ids) for m in (exact, fast))
+        for j, name in enumerate((kind, f"{kind}, {'ablated' if kind == 'harmful' else 'added'}")):
+            x, y = a[j * n:(j + 1) * n].numpy(), f[j * n:(j + 1) * n].numpy()
+            _, lo, hi = bootstrap_ci(x, n_boot=n_boot, seed=seed)
+            conds[name] = {"exact": float(x.mean()), "fast": float(y.mean()),
+                           "max_request_difference": float(abs(x - y).max()), "half_width": float(hi - lo) / 2}
+    return {"conditions": conds, "n_requests": min(len(harmful), len(harmless)),
+            "max_difference": max(abs(c["exact"] - c["fast"]) for c in conds.values()),
+            "half_width": min(c["half_width"] for c in conds.values())}
 
 
 # ----------------------------------------------------------------------------- generation and cost

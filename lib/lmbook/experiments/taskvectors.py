@@ -37,7 +37,7 @@ from lmbook.core.params import ParameterError, check_int, check_layers
 from lmbook.core.tokens import Batch, answer_token_ids, encode
 from lmbook.mechanisms.generation import greedy_tokens
 from lmbook.mechanisms.interventions import hidden_states, intervene_sweep, last_token_inputs, prefix_cache
-from lmbook.mechanisms.readout import next_token, readings
+from lmbook.mechanisms.readout import Readings, next_token, readings
 from lmbook.mechanisms.sublayers import head_contributions, out_projection
 
 __all__ = [
@@ -46,7 +46,9 @@ __all__ = [
     "top_heads",
     "function_vector",
     "TaskVectorRun",
+    "validation_sweep",
     "run_task_vectors",
+    "sweep_precision",
     "FunctionVectorRun",
     "task_head_effects",
     "run_function_vectors",
@@ -169,17 +171,37 @@ class TaskVectorRun:
     icl_example: str
 
 
+def validation_sweep(model, split, k: int, n_dummy: int, seed: int = 0, prefix: str = "",
+                     max_rows: int = 256) -> Readings:
+    """Hendel et al.'s layer sweep on the validation queries of one task split.
+
+    For every query, ``k`` demonstrations are drawn from ``split.demos`` and its task vector is the
+    last-token residual stream of ``n_dummy`` prompts with those demonstrations and a dummy query,
+    averaged; it replaces the residual stream after every layer at the arrow of the zero-shot prompt
+    ``"query →"`` (one batched sweep). The draws depend only on ``seed`` and the order of the
+    queries, so the first ``n`` queries get the same prompts as in a run over all of them. Returns
+    :class:`lmbook.mechanisms.readout.Readings` ``[L, V]``: the top-1 token and the log-probability
+    of the answer's first token."""
+    from lmbook.data.tasks import task_vector_prompts, zero_shot_prompt
+
+    val_q = [x for x, _ in split.val]
+    _, dummy = task_vector_prompts(split.demos, val_q, k, n_dummy, seed=seed, prefix=prefix)
+    tv = task_vectors(model, encode(model, dummy), group=n_dummy)  # [L, V, d]
+    zs = encode(model, [zero_shot_prompt(q, prefix) for q in val_q])
+    tg = answer_token_ids(model, [y for _, y in split.val])
+    return intervene_sweep(model, zs, tv, list(range(model.num_layers)), targets=tg, max_rows=max_rows)
+
+
 def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: str = "",
-                     max_rows: int = 256) -> TaskVectorRun:
+                     max_rows: int = 256, fast=None) -> TaskVectorRun:
     """Zero-shot baseline, in-context (ICL) and task-vector accuracy for one task split.
 
-    For every query (validation and test), ``k`` demonstrations are drawn from ``split.demos``;
-    the ICL prompt is those demonstrations and the query, and the query's task vector is the
-    last-token residual stream of ``n_dummy`` prompts with the same demonstrations and a dummy
-    query, averaged. On the validation queries it is patched into the zero-shot prompt
-    ``"query →"`` after every layer (one batched sweep); the layer with the best validation
-    accuracy is the only one used on the test queries. Scores: first-token match, and on the
-    test queries also greedy multi-token match.
+    The validation queries go through :func:`validation_sweep`, on ``fast`` where given (a
+    lower-precision copy of ``model`` from :func:`lmbook.core.models.load_copy`); the layer with the
+    best validation accuracy is the only one used on the test queries, whose task vectors are drawn
+    the same way (``seed + 1``) and, like the greedy decoding, computed on ``model`` (greedy decoding
+    on a bfloat16 copy is slower on a CPU, not faster). The ICL prompt is a query's demonstrations
+    and the query. Scores: first-token match, and on the test queries also greedy multi-token match.
     """
     from lmbook.data.tasks import (
         first_token_correct,
@@ -188,17 +210,14 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
         zero_shot_prompt,
     )
 
-    L = model.num_layers
-    val_q, test_q = [x for x, _ in split.val], [x for x, _ in split.test]
-    _, dummy_val = task_vector_prompts(split.demos, val_q, k, n_dummy, seed=seed, prefix=prefix)
-    icl_test, dummy_test = task_vector_prompts(split.demos, test_q, k, n_dummy, seed=seed + 1, prefix=prefix)
-    tv = task_vectors(model, encode(model, dummy_val + dummy_test), group=n_dummy)  # [L, V + T, d]
-    tv_val, tv_test = tv[:, : len(val_q)], tv[:, len(val_q):]
-    zs_val = encode(model, [zero_shot_prompt(q, prefix) for q in val_q])
+    test_q = [x for x, _ in split.test]
+    sweeper = model if fast is None else fast  # an nnsight model has no truth value
+    sweep = validation_sweep(sweeper, split, k, n_dummy, seed=seed, prefix=prefix, max_rows=max_rows)
     tg_val = answer_token_ids(model, [y for _, y in split.val])
-    sweep = intervene_sweep(model, zs_val, tv_val, list(range(L)), max_rows=max_rows)
     val_curve = first_token_correct(sweep.top1, tg_val).float().mean(1)
     layer = int(val_curve.argmax())
+    icl_test, dummy_test = task_vector_prompts(split.demos, test_q, k, n_dummy, seed=seed + 1, prefix=prefix)
+    tv_test = task_vectors(model, encode(model, dummy_test), layers=[layer], group=n_dummy)[0]  # [T, d]
 
     # test queries: baseline and task vector share one greedy decoding (the patched copies are the
     # second half of the batch), ICL uses the cached one; the first generated token is the top-1 prediction
@@ -206,13 +225,53 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
     tg = answer_token_ids(model, [y for _, y in split.test])
     n_tokens = max(len(model.tokenizer(" " + y, add_special_tokens=False)["input_ids"]) for _, y in split.test) + 1
     T = len(test_q)
-    both = greedy_tokens(model, zs, n_tokens, layer=layer, vectors=tv_test[layer], patch_rows=range(T, 2 * T))
+    both = greedy_tokens(model, zs, n_tokens, layer=layer, vectors=tv_test, patch_rows=range(T, 2 * T))
     icl = greedy_tokens(model, encode(model, icl_test), n_tokens)
     ids = {"baseline": both[:T], "task vector": both[T:], "ICL": icl}
     first = {c: first_token_correct(torch.tensor([r[0] for r in rs]), tg) for c, rs in ids.items()}
     gens = {c: [model.tokenizer.decode(r) for r in rs] for c, rs in ids.items()}
     greedy = {c: torch.tensor([greedy_match(g, y) for g, (_, y) in zip(gs, split.test)]) for c, gs in gens.items()}
     return TaskVectorRun(split.task, val_curve, layer, first, greedy, gens, split.test, icl_test[0])
+
+
+def sweep_precision(exact, fast, splits: dict, k: int, n_dummy: int, n: int, seed: int = 0, prefix: str = "",
+                    max_rows: int = 256) -> dict:
+    """How much running the task-vector layer sweep on a lower-precision copy of the model (``fast``,
+    say a bfloat16 copy from :func:`lmbook.core.models.load_copy`) changes it, against ``exact`` (the
+    float32 model): :func:`validation_sweep` on the first ``n`` validation queries of every split of
+    ``splits`` (``{task: TaskSplit}``), with the same prompts on both models. Over the ``n_queries``
+    queries compared, pooled over tasks:
+
+    * ``agreement``: the share of patched prompts (every layer, every query) whose top-1 token is the
+      same on both models;
+    * ``curve_exact`` / ``curve_fast``: ``[L]`` first-token accuracy by patched layer;
+      ``max_difference``: the largest absolute difference between the two curves;
+    * ``prob_difference``: the largest absolute difference, over layers, of the mean probability of
+      the answer's first token;
+    * ``layer_exact`` / ``layer_fast``: the best layer of each pooled curve (the earliest on ties)."""
+    from lmbook.data.tasks import first_token_correct
+
+    check_int("n", n, 1)
+    if not splits:
+        raise ParameterError("sweep_precision needs at least one task split")
+    same, correct, prob = [], {"exact": [], "fast": []}, {"exact": [], "fast": []}
+    for split in splits.values():
+        sub = dataclasses.replace(split, val=split.val[:n])
+        tg = answer_token_ids(exact, [y for _, y in sub.val])
+        r = {name: validation_sweep(m, sub, k, n_dummy, seed=seed, prefix=prefix, max_rows=max_rows)
+             for name, m in (("exact", exact), ("fast", fast))}
+        same.append(r["exact"].top1 == r["fast"].top1)  # [L, n]
+        for name, sw in r.items():
+            correct[name].append(first_token_correct(sw.top1, tg))
+            prob[name].append(sw.target_logprob.exp())
+    same = torch.cat(same, 1)
+    curve = {name: torch.cat(c, 1).float().mean(1) for name, c in correct.items()}
+    p = {name: torch.cat(c, 1).mean(1) for name, c in prob.items()}
+    return {"n_queries": same.shape[1], "agreement": float(same.float().mean()),
+            "curve_exact": curve["exact"].tolist(), "curve_fast": curve["fast"].tolist(),
+            "max_difference": float((curve["fast"] - curve["exact"]).abs().max()),
+            "prob_difference": float((p["fast"] - p["exact"]).abs().max()),
+            "layer_exact": int(curve["exact"].argmax()), "layer_fast": int(curve["fast"].argmax())}
 
 
 @dataclasses.dataclass

@@ -27,13 +27,25 @@ from lmbook.core.tokens import _tokenizer as _tok
 __all__ = ["logits_nll", "Scored", "encode_texts", "as_batch", "length_batches", "token_nll"]
 
 
-def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
+               chunk_elements: int = 1 << 24) -> torch.Tensor:
     """Next-token cross-entropy in nats: ``logits`` ``[B, T, V]`` predict ``input_ids[:, 1:]``;
-    returns ``[B, T-1]`` with 0 where ``target_mask`` (``[B, T-1]``) is 0 (rows of logits, no transpose: fast)."""
+    returns ``[B, T-1]`` with 0 where ``target_mask`` (``[B, T-1]``) is 0.
+
+    Computed as ``logsumexp(z) - z[target]`` in float32 over chunks of rows of about ``chunk_elements``
+    logits each (each row of a text is already contiguous): neither a float32 copy of all the logits
+    nor a full log-softmax is ever built, which for a 262k vocabulary is most of the cost of scoring
+    (``bench/suite.py``, chapter 3). Differentiable, so training uses it too."""
     B, T, V = logits.shape
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, V),
-                                            input_ids[:, 1:].reshape(-1).to(logits.device), reduction="none")
-    return nll.view(B, T - 1) * target_mask.to(nll.device)
+    tgt = input_ids[:, 1:].to(logits.device)
+    step = max(1, chunk_elements // V)
+    rows = []
+    for b in range(B):
+        for i in range(0, T - 1, step):
+            z = logits[b, i:min(i + step, T - 1)].float()
+            rows.append(torch.logsumexp(z, -1) - z.gather(1, tgt[b, i:i + step, None]).squeeze(1))
+    nll = torch.cat(rows).view(B, T - 1) if rows else logits.new_zeros(B, max(T - 1, 0), dtype=torch.float32)
+    return nll * target_mask.to(nll.device)
 
 
 @dataclasses.dataclass
