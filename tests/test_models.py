@@ -419,3 +419,26 @@ def test_load_copy_is_a_dispatched_lower_precision_twin(llama):
             w.copy_(saved)
     with pytest.raises(ParameterError, match="unknown dtype 'half'"):
         load_copy(llama, "half")
+
+
+def test_unembedding_gets_a_contiguous_input_without_changing_values(llama):
+    """The pre-hook load_model puts on the unembedding: a strided slice (what generation passes) gives the
+    same logits as its contiguous copy, and in bfloat16 no per-row copy of the weight is made."""
+    from lmbook.core.models import _contiguous_head, load_copy
+
+    head = llama._model.get_output_embeddings()
+    assert getattr(head, "_lmbook_contiguous", False)
+    h = torch.randn(3, 5, llama.hidden_size)
+    last = h[:, -1:]  # [3, 1, d], not contiguous
+    assert not last.is_contiguous() and _contiguous_head(head, (h,)) is None
+    fixed = _contiguous_head(head, (last,))[0]
+    assert fixed.is_contiguous() and torch.equal(fixed, last)
+    with torch.no_grad():
+        torch.testing.assert_close(head(last), head(last.contiguous()))
+    fast = load_copy(llama, "bfloat16")
+    fhead = fast._model.get_output_embeddings()
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        fhead(last.to(torch.bfloat16))
+    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"
+              and any(len(s) == 3 and s[-1] == fhead.weight.shape[0] for s in e.input_shapes)]
+    assert not copies, "the bfloat16 unembedding copied its weight per row"

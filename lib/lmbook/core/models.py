@@ -630,10 +630,28 @@ def load_model(
             model.dispatch()
         model._model.requires_grad_(False)
         model._model.eval()
+        _contiguous_head_input(model._model)
     model.lmbook_name = name
     model.lmbook_remote = remote
     model.lmbook_device = device_map
     return model
+
+
+def _contiguous_head(module, args):
+    x = args[0]
+    return None if x.is_contiguous() else (x.contiguous(), *args[1:])
+
+
+def _contiguous_head_input(hf) -> None:
+    """Give the unembedding a contiguous input. Generation passes it the last position's slice of the
+    hidden states, ``[B, 1, d]`` with the stride of the whole sequence; for bfloat16 on the CPU torch
+    then multiplies through a batched product that copies the ``[d, vocab]`` weight once per row (a
+    262k-vocabulary copy per row and step made bfloat16 generation four times slower than float32;
+    ``tests/test_models.py``). A contiguous input takes the plain matrix product, with the same values."""
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_lmbook_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_head)
+        head._lmbook_contiguous = True
 
 
 def _probe(url: str, timeout: float) -> tuple[int | None, str | None]:
