@@ -88,11 +88,16 @@ class Result:
         return None if ta is None or tb is None or tb == 0 else ta / tb
 
 
+def wanted(case: str) -> bool:
+    """Whether ``--case`` selects ``case`` (cases that need a set-up of their own check it first)."""
+    return not CASE_FILTER or CASE_FILTER in case
+
+
 def run_case(chapter, case, model_name, size, floor_desc, library, floor, naive=None, levers=None, *,
              repeats: int, agree: Callable, naive_repeats: int = 1) -> Result | None:
     """Time ``library``, ``floor`` (interleaved, best of ``repeats``), ``naive`` and each lever, then
     ``agree(outputs) -> (text, ok)`` on the dict of outputs."""
-    if CASE_FILTER and CASE_FILTER not in case:
+    if not wanted(case):
         return None
     levers = levers or {}
     print(f"  {case} ...", flush=True)
@@ -403,7 +408,8 @@ def ch2(models: Models, a) -> list[Result]:
         return (probs[:, 1:] - probs[:, :1]).mean(0)
 
     rep = b.select([0] * R)
-    fast = load_copy(model, "bfloat16")  # the copy chapter 2 traces on (TRACE_DTYPE)
+    trace_case = "causal tracing restorations"
+    fast = load_copy(model, "bfloat16") if wanted(trace_case) else None  # chapter 2's TRACE_DTYPE copy
 
     def bf16_trace():
         r = causal_trace(fast, b, span, target, noise, samples=samples, window=window, positions=positions)
@@ -414,7 +420,7 @@ def ch2(models: Models, a) -> list[Result]:
         return f"naive {d:.1e}, bf16 copy {db:.1e} (probability)", d < 1e-4 and db < 0.05
 
     out.append(run_case(
-        2, "causal tracing restorations", GEMMA,
+        2, trace_case, GEMMA,
         f"1 fact x {samples} noise x {len(plan)} restorations ({len(positions)} positions)",
         "plain forward of the same rows", library_trace,
         lambda: plain_last(model, rep), naive_trace,

@@ -199,8 +199,8 @@ def run_task_vectors(model, split, k: int, n_dummy: int, seed: int = 0, prefix: 
     The validation queries go through :func:`validation_sweep`, on ``fast`` where given (a
     lower-precision copy of ``model`` from :func:`lmbook.core.models.load_copy`); the layer with the
     best validation accuracy is the only one used on the test queries, whose task vectors are drawn
-    the same way (``seed + 1``) and, like the greedy decoding, computed on ``model`` (greedy decoding
-    on a bfloat16 copy is slower on a CPU, not faster). The ICL prompt is a query's demonstrations
+    the same way (``seed + 1``) and, like the greedy decoding, computed on ``model`` (no comparison
+    measures what a copy would change in decoded text). The ICL prompt is a query's demonstrations
     and the query. Scores: first-token match, and on the test queries also greedy multi-token match.
     """
     from lmbook.data.tasks import (
