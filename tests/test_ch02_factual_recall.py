@@ -49,6 +49,12 @@ def test_smoke_results(smoke_run):
         # the tracing copy's precision, measured against float32 on the traced facts (at most PRECISION_FACTS)
         prec = r["trace_precision"][p["MODEL"]]
         assert prec["n_facts"] == min(p["N_TRACE"], 6) and 0.0 <= prec["max_difference"] < 0.5
+    # the knockout and lens copy's precision: the three experiments rerun in float32 on the first facts
+    dis = r["dissect_precision"][p["MODEL"]]
+    assert set(dis) == {"knockout", "enrichment", "sublayer"}
+    assert dis["knockout"]["n_facts"] == min(r["n_used"], 6) and dis["sublayer"]["n_facts"] == min(p["N_SUBLAYER"], 6)
+    for v in dis.values():
+        assert v["n_facts"] >= 1 and 0.0 <= v["max_difference"] <= 200.0 and v["max_value"] >= 0.0
 
 
 def test_smoke_claims(smoke_run):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from claimcheck import assert_claims
+from lmbook.experiments.steering import split_prompts
 
 pytestmark = pytest.mark.chapters
 
@@ -56,6 +57,28 @@ def test_smoke_results(smoke_run):
         assert 0 < pc["sentiment_max_difference"] < pc["sentiment_half_width"]
         assert 0 < pc["ppl_max_log_difference"] < math.log(params.get("MAX_PPL_RATIO", 1.25))
         assert outcome in ("small", "large")
+    # the generations ran on the same copy, compared with float32 on the first held-out topic prompts, same seeds
+    gp, outcome = r["gen_precision"], r["claims"]["claim_gen_precision"]["outcome"]
+    if r["steer_dtype"] == ("bfloat16" if on_gpu else "float32"):
+        assert not gp and outcome == "exact"
+    elif params.get("PRECISION_N", 4) == 0:
+        assert not gp and outcome == "unchecked"
+    else:
+        heldout = split_prompts(params["TOPIC_PROMPTS"], params["HELDOUT_FRACTION"], params.get("SEED", 0)).heldout
+        n_held = gp["n_prompts"]
+        assert n_held == min(len(heldout), params.get("PRECISION_N", 4))
+        assert gp["n_texts"] == 2 * n_held * params["N_SAMPLES"] and 0 <= gp["identical"] <= gp["n_texts"]
+        for k in ("rate_copy", "rate_float32"):
+            assert len(gp[k]) == 2 and all(0.0 <= x <= 1.0 for x in gp[k]), k
+        if n_held == len(heldout):  # the copy's rates are the chapter's held-out rates (unsteered, chosen)
+            assert gp["rate_copy"] == pytest.approx([r["topic_unsteered_heldout_kept"][0], r["topic_heldout_kept"][0]])
+        for (d, lo, hi), a, b in zip(gp["difference"], gp["rate_copy"], gp["rate_float32"]):
+            assert d == pytest.approx(a - b) and (lo is None) == (hi is None) == (n_held < 2)
+            assert lo is None or lo <= d <= hi
+        if gp["identical"] == gp["n_texts"]:
+            assert gp["rate_copy"] == gp["rate_float32"]
+        assert outcome in ("small", "large")
+        assert (outcome == "small") == all(abs(d[0]) <= h for d, h in zip(gp["difference"], gp["heldout_half_width"]))
     n = params["N_EXAMPLE_SAMPLES"]
     assert len(r["examples"]) == 2 * 2 * n
     assert sum(e["steering"] == "none" for e in r["examples"]) == 2 * n

@@ -63,6 +63,35 @@ def test_smoke_results(smoke_run):
         assert 0.0 < prec["max_difference"] < 1.0, "a bfloat16 copy moves the log-odds, but by little"
         assert outcome == ("small" if prec["max_difference"] <= 0.1 * prec["half_width"] else "large")
 
+    # every refusal rate comes from replies generated on the INFER_DTYPE copy; the first PRECISION_N held-out
+    # requests of four conditions are generated again in float32 and compared reply by reply
+    gp, outcome = r["reply_precision"], r["claims"]["claim_reply_precision"]["outcome"]
+    if params.get("INFER_DTYPE", "bfloat16") == "float32" or (gp is None and outcome == "exact"):
+        assert gp is None and outcome == "exact"
+    elif params.get("PRECISION_N", 8) == 0:
+        assert gp is None and outcome == "unchecked"
+    else:
+        k = min(params.get("PRECISION_N", 8), params["N_TEST"])
+        conds = gp["conditions"]
+        assert set(conds) == {"fine-tuned (harmful)", "fine-tuned (harmless)", "ablated (harmful)",
+                              "added (harmless)"}
+        assert all(c["n"] == k for c in conds.values()) and gp["n_replies"] == 4 * k and gp["n_requests"] == k
+        for c in conds.values():
+            assert abs(c["refused_fast"] - c["refused_exact"]) <= c["changed"] <= c["n"]
+            assert 0 <= c["identical"] <= c["n"] and (c["identical"] < c["n"] or c["changed"] == 0)
+        assert gp["changed"] == sum(c["changed"] for c in conds.values())
+        assert gp["identical"] == sum(c["identical"] for c in conds.values())
+        if k == params["N_TEST"]:  # the copy's side is the chapter's own replies: its counts are the recorded rates
+            for name, key in [("fine-tuned (harmful)", "ft_refusal_harmful"),
+                              ("fine-tuned (harmless)", "ft_refusal_harmless"),
+                              ("ablated (harmful)", "ablated_refusal_harmful"),
+                              ("added (harmless)", "added_refusal_harmless")]:
+                assert conds[name]["refused_fast"] == round(r[key] * k), name
+        assert outcome == ("small" if gp["changed"] <= 0.1 * gp["n_replies"] else "large")
+    # the weight-edit check compares two float32 generations, so it does not inherit the copy's differences
+    if r["weight_edit_max_diff"] == r["weight_edit_max_diff"]:  # nan: a model with post-sublayer norms
+        assert r["weight_edit_same_replies"] == 1.0 and r["weight_edit_max_diff"] < 1e-3
+
 
 def test_smoke_claims(smoke_run):
     """Every claim has a computed outcome; the glued sentence is the one the outcome selects."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmbook.core.tokens import encode
-from lmbook.mechanisms.generation import TopP, greedy_tokens
+from lmbook.mechanisms.generation import NucleusDraw, TopP, generate_ids, greedy_tokens
 from lmbook.mechanisms.interventions import hidden_states
 from lmbook.mechanisms.readout import next_token
 
@@ -77,3 +77,32 @@ def test_fast_top_p_matches_transformers():
         ref = TopPLogitsWarper(p)(None, TemperatureLogitsWarper(0.7)(None, scores.clone()))
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (scale, p)
         assert torch.equal(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+@pytest.mark.parametrize("scale,p,temperature", [(1.0, 0.3, 1.0), (3.0, 0.9, 0.7), (0.05, 0.5, 1.0), (1.0, 1.0, 1.0)])
+def test_nucleus_draw_draws_from_the_filtered_softmax(scale, p, temperature):
+    """``NucleusDraw`` (what sampled generation uses): one token per row, returned as 0 among -inf,
+    drawn with the probabilities transformers' sampler would use (softmax of the TopP-filtered
+    scores), whether the nucleus lies within its top ``k`` (scale 1 and 3) or not (0.05: nearly flat
+    scores, the full-vocabulary path), and with no filter at ``top_p=1``."""
+    torch.manual_seed(0)
+    row = torch.randn(1, 300) * scale
+    want = TopP(p, temperature=temperature)(None, row.clone()).softmax(-1)[0]
+    n = 40_000
+    out = NucleusDraw(p, temperature=temperature, k=32)(None, row.expand(n, -1).clone())
+    assert out.shape == (n, 300) and bool(((out == 0).sum(-1) == 1).all())
+    assert bool(torch.isinf(out[out != 0]).all())
+    freq = torch.bincount(out.argmax(-1), minlength=300).float() / n
+    assert float(freq[want == 0].sum()) == 0.0  # never a token the filter removes
+    # each token's share within a few binomial standard deviations of its probability
+    sd = (want * (1 - want) / n).sqrt()
+    assert bool(((freq - want).abs() <= 5 * sd + 1e-4).all())
+
+
+def test_sampled_generation_is_seeded_and_differs_across_seeds(llama):
+    from lmbook.core.tokens import left_padded
+
+    batch = left_padded(llama, encode(llama, PROMPTS))
+    a = generate_ids(llama, batch, 6, sample=True, top_p=0.9, seed=3)
+    assert torch.equal(a, generate_ids(llama, batch, 6, sample=True, top_p=0.9, seed=3))
+    assert not torch.equal(a, generate_ids(llama, batch, 6, sample=True, top_p=0.9, seed=4))

@@ -221,3 +221,20 @@ def test_the_start_token_is_put_first_and_never_blocked(no_bos_llama):
     p = sweep_facts(model, PROMPTS, SUBJECTS, TARGETS, window=1, progress=False)
     q = sweep_facts(model, PROMPTS, SUBJECTS, TARGETS, window=1, progress=False, start=False)
     assert p.shape == q.shape and not torch.allclose(p, q)
+
+
+def test_knockouts_run_on_a_bfloat16_copy_with_attention_probabilities(llama):
+    """``load_copy(..., attention_probs=True)`` (chapter 2's knockouts and lens run on such a copy): the
+    copy reads and edits attention probabilities, its knockout sweep is close to the float32 model's,
+    and a knockout still changes its output."""
+    from lmbook.core.models import load_copy, model_dtype
+
+    fast = load_copy(llama, "bfloat16", attention_probs=True)
+    assert model_dtype(fast) == torch.bfloat16
+    exact = sweep_facts(llama, PROMPTS, SUBJECTS, TARGETS, window=2, progress=False)
+    cheap = sweep_facts(fast, PROMPTS, SUBJECTS, TARGETS, window=2, progress=False)
+    assert cheap.shape == exact.shape and cheap.dtype == exact.dtype
+    assert (cheap - exact).abs().max() < 0.05 and not torch.equal(cheap, exact)
+    g = group_facts(fast, PROMPTS[:1], SUBJECTS[:1], TARGETS[:1])[0]
+    p = knockout_sweep(fast, g, window=3)
+    assert not torch.allclose(p[:, 1:], p[:, :1].expand_as(p[:, 1:]))

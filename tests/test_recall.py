@@ -16,6 +16,8 @@ from lmbook.experiments.recall import (
     SublayerRun,
     TokenText,
     attributes_rate,
+    dissection_curves,
+    dissection_precision,
     extraction_events,
     known_by_relation,
     known_mask,
@@ -296,3 +298,33 @@ def test_paper_items_lists_every_item_with_ours_computed():
     ours = dict(zip(PAPER_ITEMS, table["this run"]))
     assert ours["tracing"] == "not run (N_TRACE)" and "0.50" in ours["start"]
     assert ours["generality"].startswith("3 facts, 3 relations") and "knows 2" in ours["generality"]
+
+
+def test_dissection_precision_compares_the_first_facts_curves(llama):
+    """Chapter 2's measure of what its bfloat16 copy changes: the float32 run of the first facts
+    against the copy's run of all facts, curve by curve; zero against itself, the copy's change
+    against a copy (small but not zero), and the first facts only."""
+    from lmbook.core.models import load_copy
+
+    fast_model = load_copy(llama, "bfloat16", attention_probs=True)
+
+    def runs(m, facts):
+        return {"knockout": run_knockout(m, facts, window=2, progress=False),
+                "enrichment": run_enrichment(m, facts, DESCRIPTIONS, top_k=5, pool=20),
+                "sublayer": run_sublayer_knockout(m, facts, DESCRIPTIONS, window=1, top_k=5, pool=20),
+                "extraction": run_extraction(m, facts, progress=False)}
+
+    exact_all = runs(llama, FACTS)
+    same = dissection_precision(exact_all, exact_all)
+    assert all(v["max_difference"] == 0.0 and v["n_facts"] == 3 for v in same.values())
+    exact_two = runs(llama, FACTS[:2])
+    fast = runs(fast_model, FACTS)
+    d = dissection_precision(fast, exact_two)
+    assert all(v["n_facts"] == 2 for v in d.values())
+    assert 0.0 < d["knockout"]["max_difference"] < 0.2 * d["knockout"]["max_value"]
+    # the curves compared are the first two facts' means, not all three facts'
+    first_two = dissection_curves("knockout", fast["knockout"], 2)
+    np.testing.assert_allclose(np.nanmax(np.abs(first_two - dissection_curves("knockout", exact_two["knockout"]))),
+                               d["knockout"]["max_difference"])
+    with pytest.raises(ParameterError, match="unknown measure"):
+        dissection_curves("lens", exact_all["knockout"])

@@ -13,6 +13,7 @@ from lmbook.experiments.refusal import (
     format_instructions,
     generate,
     generate_conditions,
+    greedy_reproduces,
     is_degenerate,
     is_refusal,
     kl_divergence,
@@ -25,6 +26,7 @@ from lmbook.experiments.refusal import (
     refusal_share,
     repeated_ngram_share,
     reply_nll,
+    reply_precision,
     runner_up,
     score_precision,
     select_direction,
@@ -203,6 +205,68 @@ def test_score_precision_compares_the_same_scores_in_two_precisions(llama):
 
 
 
+
+
+def test_reply_precision_compares_replies_prompt_by_prompt(llama):
+    """``reply_precision``: against its own replies nothing changes; a reply the copy turned into a
+    refusal is one changed flag and one reply that is not identical; a bfloat16 copy is counted
+    against the float32 replies of the same prompts."""
+    from lmbook.core.models import load_copy
+
+    tok = llama.tokenizer
+    prompts = format_instructions(tok, HARMFUL, "plain")
+    torch.manual_seed(5)
+    r = torch.randn(llama.hidden_size)
+    conds = {"none": (prompts, {}), "ablated": (prompts[:2], {"ablate": r})}
+    own = generate_conditions(llama, conds, "plain", max_new_tokens=5)
+    same = reply_precision(llama, conds, own, "plain", max_new_tokens=5)
+    assert same["n_replies"] == 5 and same["n_requests"] == 3
+    assert same["changed"] == 0 and same["identical"] == 5 and same["identical_share"] == 1.0
+    assert same["conditions"]["ablated"] == {"n": 2, "refused_exact": 0, "refused_fast": 0, "changed": 0,
+                                             "identical": 2}
+    texts, ids = own["ablated"]
+    edited = {**own, "ablated": (["I'm sorry, no.", texts[1]], [[5, 6], ids[1]])}
+    one = reply_precision(llama, conds, edited, "plain", max_new_tokens=5)
+    assert one["conditions"]["ablated"] == {"n": 2, "refused_exact": 0, "refused_fast": 1, "changed": 1,
+                                            "identical": 1}
+    assert one["changed"] == 1 and one["changed_share"] == pytest.approx(1 / 5)
+    assert one["identical_share"] == pytest.approx(4 / 5)
+    # what the chapter does: the copy's replies against float32 replies to the same prompts
+    fast = load_copy(llama, "bfloat16")
+    fr = generate_conditions(fast, conds, "plain", max_new_tokens=5)
+    got = reply_precision(llama, conds, fr, "plain", max_new_tokens=5)
+    want = sum(list(a) == list(b) for c in conds for a, b in zip(own[c][1], fr[c][1]))
+    assert got["identical"] == want
+    with pytest.raises(ParameterError, match="unmatched"):
+        reply_precision(llama, conds, {"none": own["none"]}, "plain")
+    with pytest.raises(ParameterError, match="one reply per prompt"):
+        reply_precision(llama, conds, {**own, "none": (own["none"][0][:1], own["none"][1][:1])}, "plain")
+
+
+def test_greedy_reproduces_what_generation_gives(tiny_models):
+    """``greedy_reproduces``: the replies a generation gives (with its intervention) are reproduced,
+    with or without an end before ``max_new_tokens``; a reply with one token changed, one cut short
+    without an end token, or the replies of another intervention are not."""
+    for family in ("llama", "gemma3"):
+        model = tiny_models[family]
+        prompts = format_instructions(model.tokenizer, HARMFUL, "plain")
+        torch.manual_seed(6)
+        r, v = torch.randn(model.hidden_size), torch.randn(model.hidden_size) * 3
+        for kw in ({}, {"ablate": r}, {"add": {1: v}}):
+            ids = generate(model, prompts, "plain", max_new_tokens=6, return_ids=True, **kw)[1]
+            assert greedy_reproduces(model, prompts, ids, "plain", max_new_tokens=6, **kw) == [True] * 3, family
+            assert greedy_reproduces(model, prompts, ids, "plain", max_new_tokens=6, max_rows=2, **kw) == [True] * 3
+            wrong = [list(x) for x in ids]
+            wrong[0][-1] = (wrong[0][-1] + 1) % model.tokenizer.vocab_size if wrong[0] else 0
+            short = [x[:-1] if x else [0] for x in ids]
+            assert greedy_reproduces(model, prompts, wrong, "plain", max_new_tokens=6, **kw)[0] is False
+            assert greedy_reproduces(model, prompts, short, "plain", max_new_tokens=6, **kw) == [False] * 3
+        ablated = generate(model, prompts, "plain", max_new_tokens=6, return_ids=True, ablate=r)[1]
+        plain = generate(model, prompts, "plain", max_new_tokens=6, return_ids=True)[1]
+        assert greedy_reproduces(model, prompts, ablated, "plain", max_new_tokens=6) == [a == b for a, b in
+                                                                                        zip(ablated, plain)]
+    with pytest.raises(ParameterError, match="one reply per prompt"):
+        greedy_reproduces(model, prompts, ablated[:1], "plain")
 
 
 def test_matched_random_direction_has_the_norm():

@@ -11,6 +11,7 @@ from lmbook.experiments.steering import (
     SentimentMeasure,
     TopicMeasure,
     choose_setting,
+    compare_topic_runs,
     contrast_vector,
     exclude_pair_words,
     log_odds,
@@ -325,3 +326,46 @@ def test_sweeps_on_a_bfloat16_copy(llama):
     torch.testing.assert_close(s16, s32, rtol=0.02, atol=0.2)
     out = steered_generate(fast, PROMPTS[0], sv, configs, max_new_tokens=3, sample=False)
     assert len(out) == 4 and out[0] == out[1]
+
+
+def test_compare_topic_runs_pairs_prompts_and_counts_identical_texts():
+    """Rates are ratios of sums over prompts; the difference's interval resamples prompts for both runs at once."""
+    texts = [[["a b", "c"], ["d", "e f"]], [["g", "h"], ["i", "j"]]]  # [prompts][configs][samples]
+    a = {"hits/kept": np.array([[1, 3], [2, 2]]), "words": np.array([[10, 10], [10, 30]]), "texts": texts}
+    same = compare_topic_runs(a, a)
+    assert same["identical"] == same["n_texts"] == 8
+    np.testing.assert_allclose(same["rate_copy"], [0.2, 0.1])
+    np.testing.assert_array_equal(same["difference"], np.zeros((2, 3)))
+    other = [[["a b", "x"], ["d", "e f"]], [["g", "h"], ["y", "j"]]]
+    b = {"hits/kept": np.array([[1, 1], [2, 2]]), "words": np.array([[10, 10], [10, 30]]), "texts": other}
+    d = compare_topic_runs(a, b)
+    assert d["identical"] == 6
+    np.testing.assert_allclose(d["rate_exact"], [0.1, 0.1])
+    np.testing.assert_allclose(d["difference"][:, 0], [0.1, 0.0])
+    assert d["difference"][0, 1] <= 0.1 <= d["difference"][0, 2] and d["difference"][0, 1] >= 0
+    one = compare_topic_runs({k: v[:, :1] if k != "texts" else v[:1] for k, v in a.items()},
+                             {k: v[:, :1] if k != "texts" else v[:1] for k, v in b.items()})
+    assert one["difference"][0, 0] == 0.0 and np.isnan(one["difference"][0, 1]), "one prompt: no interval"
+    with pytest.raises(ParameterError, match="one shape"):
+        compare_topic_runs(a, {**b, "words": np.ones((2, 3))})
+
+
+def test_topic_generation_on_a_bfloat16_copy(llama):
+    """The topic measure runs on a copy with the float32 model's seeds: same shapes, and a rerun with the same
+    seeds reproduces every sample, on the float32 model and on the copy, so a comparison of the two pairs samples
+    drawn from the same random numbers."""
+    from lmbook.core.models import load_copy
+
+    fast = load_copy(llama, "bfloat16")
+    sv = contrast_vector(llama, "paris france", "rome italy", layers=[1])
+    configs = [(None, 0.0), (1, 0.0), (1, 4.0)]
+    words = {"kept": ["the", "of", "city"]}
+    t16 = TopicMeasure(fast, sv, words, n_samples=3, max_new_tokens=4, seed=5)
+    m16 = t16(PROMPTS, configs)
+    m32 = TopicMeasure(llama, sv, words, n_samples=3, max_new_tokens=4, seed=5)
+    a, b = m32(PROMPTS, configs), m32(PROMPTS, configs)
+    assert compare_topic_runs(a, b)["identical"] == 2 * 3 * 3, "same model, same seeds: same samples"
+    assert compare_topic_runs(m16, t16(PROMPTS, configs))["identical"] == 18
+    c = compare_topic_runs(m16, a)
+    assert c["n_texts"] == 18 and c["difference"].shape == (3, 3)
+    assert np.all(np.abs(c["difference"][:, 0]) <= 1)

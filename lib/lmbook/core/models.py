@@ -605,6 +605,10 @@ def load_model(
     if remote != True:  # noqa: E712 - local, or the local simulation's eventual dispatch
         kwargs["device_map"] = device_map
         kwargs["dtype"] = dtype or (torch.float32 if _all_cpu(device_map) else torch.bfloat16)
+        if attention_probs and dtype not in (None, torch.float32):
+            # a copy (load_copy): nnterp's check trace compares probabilities at float32 tolerance and
+            # fails in bfloat16 on the CPU (the float32 model passed it; the unit tests check a copy's knockouts)
+            kwargs["check_attn_probs_with_trace"] = False
     where = "" if remote is True else f" onto {device_map}"
     try:
         with warnings.catch_warnings():
@@ -794,18 +798,20 @@ def model_dtype(model) -> torch.dtype:
     return next(model._model.parameters()).dtype
 
 
-def load_copy(model, dtype: str):
+def load_copy(model, dtype: str, attention_probs: bool = False):
     """A second copy of ``model`` (same checkpoint, same devices) with ``dtype`` parameters (a name of
     :data:`lmbook.core.params.DTYPES`), for a chapter's heavy inference loops: on a CPU with bfloat16
     matrix units (this book's build machine) a bfloat16 forward is several times faster than a float32
-    one. The copy reads no attention probabilities (nnterp's check fails in bfloat16). Returns ``model``
-    itself when it already has that dtype or runs remotely. The copy takes ``model``'s current weights
-    (cast), so a fine-tuned model is copied as fine-tuned. A chapter that uses a copy shows how much it
-    changes its numbers against ``model`` (chapter 2's causal tracing does)."""
+    one. ``attention_probs``: the copy reads and edits attention probabilities too (eager attention, as
+    :func:`load_model`; nnterp's check trace is skipped, since its tolerance fails in bfloat16: the
+    float32 model passed it). Returns ``model`` itself when it already has that dtype or runs remotely.
+    The copy takes ``model``'s current weights (cast), so a fine-tuned model is copied as fine-tuned. A
+    chapter that uses a copy shows how much it changes its numbers against ``model`` (chapter 2 does)."""
     dt = getattr(torch, check_dtype("dtype", dtype))
     if getattr(model, "lmbook_remote", False) or model_dtype(model) == dt:
         return model
-    copy = load_model(model.lmbook_name, device_map=model.lmbook_device, dtype=dt, attention_probs=False)
+    copy = load_model(model.lmbook_name, device_map=model.lmbook_device, dtype=dt,
+                      attention_probs=attention_probs)
     with torch.no_grad():
         copy._model.load_state_dict(model._model.state_dict())  # copy_ casts to the copy's dtype
     return copy

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,7 +68,8 @@ __all__ = ["known_mask", "sample_known", "known_by_relation", "KnockoutRun", "ru
            "sink_share", "EnrichmentRun", "run_enrichment", "SublayerRun", "run_sublayer_knockout",
            "sublayer_knockout_topk", "ExtractionRun", "run_extraction", "extraction_events", "extraction_facts",
            "same_layer_events", "attributes_rate", "attributes_rates", "TokenText", "POOL", "KEEP",
-           "PAPER_FINDINGS", "PAPER_ROWS", "paper_comparison", "PAPER_ITEMS", "paper_items"]
+           "PAPER_FINDINGS", "PAPER_ROWS", "paper_comparison", "PAPER_ITEMS", "paper_items",
+           "DISSECTION_MEASURES", "dissection_curves", "dissection_precision"]
 
 
 # ---------------------------------------------------------------- which facts a model knows
@@ -755,3 +757,55 @@ def paper_items(model: str, knockout: KnockoutRun, enrichment: EnrichmentRun, ex
                           f"{len({f.subject for f in facts})} subjects; {model} knows {n_known}")
     return pd.DataFrame([{"item": item, "paper": paper, "this run": ours[k]}
                          for k, (item, paper) in PAPER_ITEMS.items()])
+
+
+# ---------------------------------------------------------------- what a lower-precision copy changes
+
+DISSECTION_MEASURES = ("knockout", "enrichment", "sublayer", "extraction")
+"""The experiments chapter 2 runs on a lower-precision copy (:func:`lmbook.core.models.load_copy`)."""
+
+
+def dissection_curves(measure: str, run, n_facts: int | None = None) -> np.ndarray:
+    """The fact-averaged curves of one experiment of :data:`DISSECTION_MEASURES` that the chapter
+    plots, over its first ``n_facts`` facts (all by default), flattened: the knockout's change (%) of
+    every kind by layer, the attributes rate (%) at every position by layer, the sublayer knockout's
+    rate (%) without intervention and with MLP or attention updates cancelled, and the share of facts
+    (%) with each kind of extraction event by layer."""
+    k = n_facts
+    with warnings.catch_warnings():  # a position no fact has (NaN everywhere) stays NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _dissection_curves(measure, run, k)
+
+
+def _dissection_curves(measure: str, run, k: int | None) -> np.ndarray:
+    if measure == "knockout":
+        parts = [np.nanmean(run.changes[kind][:k], axis=0) for kind in sorted(run.changes)]
+    elif measure == "enrichment":
+        parts = [np.nanmean(run.rates[:k], axis=0).ravel() * 100]
+    elif measure == "sublayer":
+        parts = [np.atleast_1d(np.nanmean(run.clean[:k])), np.nanmean(run.mlp[:k], axis=0),
+                 np.nanmean(run.attention[:k], axis=0)]
+    elif measure == "extraction":
+        parts = [run.events[:k].astype(float).mean(axis=0).ravel() * 100]
+    else:
+        raise ParameterError(f"unknown measure {measure!r}; valid: {list(DISSECTION_MEASURES)}")
+    return np.concatenate([np.asarray(p, dtype=float).ravel() for p in parts])
+
+
+def dissection_precision(fast: dict, exact: dict) -> dict:
+    """How much running chapter 2's dissection on a lower-precision copy changes it: ``fast`` and
+    ``exact`` map each measure of :data:`DISSECTION_MEASURES` to a run (the copy's, on all its facts,
+    and the float32 model's on the copy's first facts, same order). For each measure: the largest
+    absolute difference between the two runs' fact-averaged curves over ``exact``'s facts
+    (:func:`dissection_curves`; in the curves' units, percent), the largest absolute value of
+    ``exact``'s curves, their ratio, and the number of facts compared."""
+    out = {}
+    for measure, run in exact.items():
+        n = len(run.clean) if hasattr(run, "clean") else len(getattr(run, "rates", getattr(run, "events", [])))
+        a, b = dissection_curves(measure, fast[measure], n), dissection_curves(measure, run)
+        both = ~(np.isnan(a) | np.isnan(b))
+        diff = float(np.max(np.abs(a[both] - b[both]))) if both.any() else 0.0
+        size = float(np.max(np.abs(b[both]))) if both.any() else 0.0
+        out[measure] = {"max_difference": diff, "max_value": size, "n_facts": int(n),
+                        "ratio": diff / size if size > 0 else (0.0 if diff == 0 else float("inf"))}
+    return out

@@ -20,7 +20,9 @@ Introduced in chapter 5 ("A refusal direction the book creates, then finds"), af
   :func:`select_direction` picks a candidate on validation requests as Arditi et al. do;
 * :func:`generate` decodes greedily with an intervention applied at every step (one row of
   ``ablate`` / ``add`` per prompt, so many conditions share one batched generation); :func:`text_nll`
-  measures what an intervention costs on ordinary text;
+  measures what an intervention costs on ordinary text; :func:`reply_precision` says how much
+  generating on a lower-precision copy changes the replies and their refusal flags, and
+  :func:`greedy_reproduces` whether a model would decode given replies greedily (one forward);
 * **controls** of matched norm: :func:`matched_random_direction` (a random direction with the
   chosen direction's norm) and :func:`runner_up` (the best candidate at another layer);
 * **coherence** of the replies themselves: :func:`reply_nll` scores replies under a model (the
@@ -71,6 +73,8 @@ __all__ = [
     "score_precision",
     "generate",
     "generate_conditions",
+    "reply_precision",
+    "greedy_reproduces",
     "text_nll",
     "text_perplexity",
     "matched_random_direction",
@@ -373,6 +377,14 @@ def score_precision(exact, fast, harmful: Batch, harmless: Batch, direction, lay
 # ----------------------------------------------------------------------------- generation and cost
 
 
+def _end_ids(model) -> set:
+    """The token ids at which :func:`generate` ends a reply: the end of the turn (the generation
+    config's end ids and the tokenizer's) and padding."""
+    tok = model.tokenizer
+    eos = getattr(getattr(model._model, "generation_config", None), "eos_token_id", None)
+    return {pad_token_id(tok), tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+
+
 def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=None, max_new_tokens: int = 32,
              batch_size: int = 32, return_ids: bool = False, sample: bool = False, seed: int | None = None):
     """Greedy replies to formatted ``prompts``, with ``ablate`` (a ``[d]`` direction or one row per
@@ -390,8 +402,7 @@ def generate(model, prompts: Sequence[str], fmt: str = "chat", ablate=None, add=
     check_int("batch_size", batch_size, 1)
     tok = model.tokenizer
     ablate, add = prepare_directional(model, ablate, add, len(prompts))
-    eos = getattr(getattr(model._model, "generation_config", None), "eos_token_id", None)
-    ends = {pad_token_id(tok), tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+    ends = _end_ids(model)
     texts, ids_out = [], []
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(len(prompts), start + batch_size)))
@@ -435,6 +446,77 @@ def generate_conditions(model, conditions, fmt: str = "chat", max_new_tokens: in
     texts, ids = generate(model, prompts, fmt, ablate=ablate, add=add or None, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, return_ids=True)
     return {name: (texts[a:b], ids[a:b]) for name, (a, b) in spans.items()}
+
+
+def reply_precision(exact, conditions, fast_replies, fmt: str = "chat", max_new_tokens: int = 32,
+                    substrings: Sequence[str] = REFUSAL_SUBSTRINGS, batch_size: int = 100) -> dict:
+    """How much generating on a lower-precision copy of ``exact`` (:func:`lmbook.core.models.load_copy`)
+    changes what the chapter reads off the replies. ``conditions`` is as for
+    :func:`generate_conditions`; ``fast_replies`` maps each name to the copy's ``(texts, ids)`` for the
+    same prompts (one reply per prompt). The conditions are generated again on ``exact``, in one
+    batched generation, and compared prompt by prompt: per condition ``n``, the refusals on each
+    model (``refused_exact``, ``refused_fast``, by :func:`is_refusal`), ``changed`` (prompts whose
+    refusal flag differs) and ``identical`` (replies with the same token ids); pooled over the
+    conditions ``n_replies``, ``changed``, ``identical``, ``changed_share`` and ``identical_share``,
+    and ``n_requests`` (the most prompts in a condition)."""
+    missing = set(conditions) ^ set(fast_replies)
+    if missing:
+        raise ParameterError(f"conditions and fast_replies must name the same conditions; unmatched: {sorted(missing)}")
+    for name, (ps, _) in conditions.items():
+        texts, ids = fast_replies[name]
+        if not len(texts) == len(ids) == len(ps):
+            raise ParameterError(f"condition {name!r}: {len(ps)} prompts but {len(texts)} texts and {len(ids)} "
+                                 "ids from the copy; give one reply per prompt")
+    out = generate_conditions(exact, conditions, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    conds = {}
+    for name, (texts, ids) in out.items():
+        f_texts, f_ids = fast_replies[name]
+        a = [is_refusal(t, substrings) for t in texts]
+        b = [is_refusal(t, substrings) for t in f_texts]
+        conds[name] = {"n": len(a), "refused_exact": sum(a), "refused_fast": sum(b),
+                       "changed": sum(x != y for x, y in zip(a, b)),
+                       "identical": sum(list(x) == list(y) for x, y in zip(ids, f_ids))}
+    n = sum(c["n"] for c in conds.values())
+    changed, identical = sum(c["changed"] for c in conds.values()), sum(c["identical"] for c in conds.values())
+    return {"conditions": conds, "n_replies": n, "n_requests": max((c["n"] for c in conds.values()), default=0),
+            "changed": changed, "identical": identical,
+            "changed_share": changed / n if n else float("nan"),
+            "identical_share": identical / n if n else float("nan")}
+
+
+def greedy_reproduces(model, prompts: Sequence[str], replies: Sequence[Sequence[int]], fmt: str = "chat",
+                      max_new_tokens: int = 32, ablate=None, add=None, max_rows: int = 32) -> list[bool]:
+    """Whether ``model``, with ``ablate`` / ``add`` as in :func:`generate`, decodes each of ``replies``
+    (token ids as :func:`generate` returns them with ``return_ids``, cut at the first end token,
+    after at most ``max_new_tokens``) greedily from its prompt: one forward over each prompt followed
+    by its reply instead of a generation. Greedy decoding takes the most likely token at every step,
+    so it gives the reply exactly when the most likely next token is the reply's own at every
+    position, and, for a reply cut short of ``max_new_tokens``, an end token right after it
+    (ties aside). Chapter 5 checks the weight edit against the runtime ablation with it."""
+    check_int("max_new_tokens", max_new_tokens, 1, 4096)
+    if len(replies) != len(prompts):
+        raise ParameterError(f"{len(replies)} replies for {len(prompts)} prompts; give one reply per prompt")
+    tok = model.tokenizer
+    ends = _end_ids(model)
+    heads = [tok(t, add_special_tokens=_add_special(fmt))["input_ids"] for t in prompts]
+    rows = [list(r) for r in replies]
+    batch = pad_ids(tok, prompts, [h + r for h, r in zip(heads, rows)], "right")
+    out, start = [], 0
+    for sub, ab, ad in directional_chunks(model, batch, ablate, add, max_rows):
+        # the positions whose next token greedy decoding chose: the prompt's last and each reply token
+        spans = [(len(heads[start + i]) - 1, len(rows[start + i]) + 1) for i in range(len(sub))]
+        ri = torch.tensor([i for i, (_, n) in enumerate(spans) for _ in range(n)])
+        pi = torch.tensor([a + j for a, n in spans for j in range(n)])
+        with torch.no_grad(), trace(model, sub, last_only=True):  # logits only at those positions
+            directional(model, ab, ad)
+            top = model.lm_head(model.ln_final.output[ri, pi]).argmax(-1).save()
+        got = top.cpu().split([n for _, n in spans])
+        for i, g in enumerate(got):
+            r, g = rows[start + i], g.tolist()
+            out.append(len(r) <= max_new_tokens and g[:len(r)] == r
+                       and (len(r) == max_new_tokens or g[len(r)] in ends))
+        start += len(sub)
+    return out
 
 
 def text_nll(model, batch: Batch, ablate=None, add=None, max_rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lmbook.core.claims import bootstrap_stat
 from lmbook.core.models import trace
 from lmbook.core.params import ParameterError, check_float, check_int, check_layers
 from lmbook.core.tokens import Batch, decode_tokens, encode, pad_ids, text_ids
@@ -74,6 +75,7 @@ __all__ = [
     "TopicMeasure",
     "HeldOutChoice",
     "select_then_report",
+    "compare_topic_runs",
 ]
 
 
@@ -544,3 +546,43 @@ def select_then_report(measure, split: PromptSplit, layers, coeffs, ratio, max_r
     chosen = (choice["layer"], choice["coefficient"])
     heldout = measure(list(split.heldout), [UNSTEERED, chosen])
     return HeldOutChoice(split, configs, select, grid_effect, choice, 1 + grid.index(chosen), heldout)
+
+
+def compare_topic_runs(copy: dict, exact: dict, name: str = "kept", seed: int = 0) -> dict:
+    """Two :class:`TopicMeasure` outputs for the same prompts, configurations and seeds, set side by
+    side, paired over prompts (chapter 4: the generations of a bfloat16 copy against the float32
+    model's; issue 16).
+
+    Per configuration row ``c`` of the outputs (``[C, P]`` counts): the rate of the word list
+    ``name`` in each (``rate_copy`` / ``rate_exact``, ``[C]``), and ``difference``: ``[C]`` rows of
+    ``[copy - exact, low, high]``, the 95% interval from resampling the prompts, the same prompts for
+    both runs (:func:`lmbook.core.claims.bootstrap_stat`; NaN with fewer than two prompts). Also
+    ``identical``, how many of the ``n_texts`` continuations are the same text in both runs (a
+    sampled continuation that differs in one token is a different sample from there on)."""
+    key = f"hits/{name}"
+    for k in (key, "words"):
+        if k not in copy or k not in exact:
+            raise ParameterError(f"both outputs need {k!r} (TopicMeasure outputs); got {sorted(copy)} and "
+                                 f"{sorted(exact)}")
+    hc, wc = np.asarray(copy[key], dtype=float), np.asarray(copy["words"], dtype=float)
+    he, we = np.asarray(exact[key], dtype=float), np.asarray(exact["words"], dtype=float)
+    if not (hc.shape == wc.shape == he.shape == we.shape) or hc.ndim != 2:
+        raise ParameterError(f"the two outputs must hold [configs, prompts] counts of one shape, got {hc.shape} "
+                             f"and {he.shape}")
+    tc = [t for prompt in copy["texts"] for row in prompt for t in row]
+    te = [t for prompt in exact["texts"] for row in prompt for t in row]
+    if len(tc) != len(te):
+        raise ParameterError(f"the two outputs hold {len(tc)} and {len(te)} continuations; compare runs of the "
+                             f"same prompts, configurations and samples")
+
+    def rate(h, w):
+        return h.sum(-1) / np.maximum(w.sum(-1), 1)
+
+    diffs = []
+    for c in range(hc.shape[0]):
+        units = np.stack([hc[c], wc[c], he[c], we[c]], axis=1)  # [P, 4]: one row per prompt
+        e = bootstrap_stat(units, lambda x: rate(x[:, 0], x[:, 1]) - rate(x[:, 2], x[:, 3]), seed=seed)
+        diffs.append([e.value, e.low, e.high] if not e.missing
+                     else [float(rate(hc[c], wc[c]) - rate(he[c], we[c])), np.nan, np.nan])
+    return {"rate_copy": rate(hc, wc), "rate_exact": rate(he, we), "difference": np.asarray(diffs),
+            "identical": sum(a == b for a, b in zip(tc, te)), "n_texts": len(tc)}

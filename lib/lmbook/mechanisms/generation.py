@@ -14,7 +14,10 @@ generation's trace:
   position, including the generated ones (chapter 5).
 
 Sampling uses :class:`TopP` (temperature, then nucleus filtering over the top tokens), which
-matches transformers' warper without sorting Gemma's 262k-token vocabulary at every step.
+matches transformers' warper without sorting Gemma's 262k-token vocabulary at every step, and
+:class:`NucleusDraw` draws the token itself from the kept top tokens: transformers' sampler draws
+over the whole vocabulary, one random number per vocabulary entry and row, which on Gemma's
+bfloat16 copy cost more than the model's forward (``bench/sampling.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from lmbook.core.models import generate
 from lmbook.core.params import ParameterError, check_float, check_int, check_layers
 from lmbook.core.tokens import Batch, left_padded, pad_token_id
 
-__all__ = ["generate_ids", "TopP", "greedy_tokens"]
+__all__ = ["generate_ids", "TopP", "NucleusDraw", "greedy_tokens"]
 
 
 class TopP:
@@ -65,6 +68,39 @@ class TopP:
         return out
 
 
+class NucleusDraw(TopP):
+    """Temperature and nucleus filtering as :class:`TopP`, then the draw itself: each row's token is
+    drawn (``torch.multinomial``, torch's global generator) from the softmax of its kept scores, and
+    the returned scores are 0 for that token and -inf elsewhere, so greedy decoding emits it. The
+    distribution is transformers' (softmax of the filtered scores, then one draw), but where the
+    nucleus lies within the top ``k`` tokens the draw runs over those ``k`` only, not the vocabulary.
+    With ``top_p=1`` every token is kept (no filter, as transformers skips its warper)."""
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        token = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        k = min(self.k, scores.shape[-1])
+        if self.top_p >= 1.0:
+            full = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        else:
+            vals, idx = scores.topk(k, dim=-1)  # descending
+            probs = (vals - scores.logsumexp(-1, keepdim=True)).exp()
+            keep = (probs.cumsum(-1) - probs) < self.top_p
+            keep[:, 0] = True
+            full = probs.sum(-1) < self.top_p  # top k hold too little mass: draw over everything
+            part = ~full
+            if part.any():
+                kept = torch.where(keep[part], vals[part], float("-inf")).softmax(-1)
+                token[part] = idx[part].gather(1, torch.multinomial(kept, 1)).squeeze(1)
+        if full.any():
+            filtered = scores[full] if self.top_p >= 1.0 else TopP(self.top_p)(input_ids, scores[full])
+            token[full] = torch.multinomial(filtered.softmax(-1), 1).squeeze(1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(1, token[:, None], 0.0)
+
+
 def generate_ids(model, batch: Batch, max_new_tokens: int, edit: Callable | None = None, every_step: bool = False,
                  sample: bool = False, top_p: float = 1.0, temperature: float = 1.0, seed: int | None = None,
                  min_new_tokens: int | None = None) -> torch.Tensor:
@@ -87,10 +123,10 @@ def generate_ids(model, batch: Batch, max_new_tokens: int, edit: Callable | None
 
         check_float("top_p", top_p, 1e-6, 1.0)
         check_float("temperature", temperature, 1e-6, 100.0)
-        # TopP applies the temperature and the nucleus filter itself; transformers would run a custom
-        # processor before its own temperature, so its own are switched off.
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0,
-                      logits_processor=LogitsProcessorList([TopP(top_p, temperature)]))
+        # NucleusDraw applies the temperature and the nucleus filter and draws the token itself;
+        # transformers then decodes greedily (its own sampler would draw over the whole vocabulary).
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      logits_processor=LogitsProcessorList([NucleusDraw(top_p, temperature)]))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if seed is not None:

@@ -28,23 +28,23 @@ __all__ = ["logits_nll", "Scored", "encode_texts", "as_batch", "length_batches",
 
 
 def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
-               chunk_elements: int = 1 << 24) -> torch.Tensor:
+               chunk_elements: int = 1 << 20) -> torch.Tensor:
     """Next-token cross-entropy in nats: ``logits`` ``[B, T, V]`` predict ``input_ids[:, 1:]``;
     returns ``[B, T-1]`` with 0 where ``target_mask`` (``[B, T-1]``) is 0.
 
-    Computed as ``logsumexp(z) - z[target]`` in float32 over chunks of rows of about ``chunk_elements``
-    logits each (each row of a text is already contiguous): neither a float32 copy of all the logits
-    nor a full log-softmax is ever built, which for a 262k vocabulary is most of the cost of scoring
-    (``bench/suite.py``, chapter 3). Differentiable, so training uses it too."""
+    Computed as ``logsumexp(z) - z[target]`` in float32 over chunks of about ``chunk_elements`` logits:
+    no float32 copy of all the logits and no full log-softmax (most of the cost of scoring a 262k
+    vocabulary); small chunks reuse the allocator's memory where large ones fault in fresh pages each
+    time (a large share of a training step). Differentiable, so training uses it too."""
     B, T, V = logits.shape
-    tgt = input_ids[:, 1:].to(logits.device)
+    # all positions flattened (a view; the last one predicts nothing: target 0, dropped below) and
+    # split: one autograd node for all chunks, where indexing row by row made the backward pass fill
+    # a zero tensor of all the logits once per row (``bench/suite.py``, chapter 3's training case).
+    tgt = torch.cat([input_ids[:, 1:], input_ids.new_zeros(B, 1)], 1).to(logits.device).reshape(-1, 1)
     step = max(1, chunk_elements // V)
-    rows = []
-    for b in range(B):
-        for i in range(0, T - 1, step):
-            z = logits[b, i:min(i + step, T - 1)].float()
-            rows.append(torch.logsumexp(z, -1) - z.gather(1, tgt[b, i:i + step, None]).squeeze(1))
-    nll = torch.cat(rows).view(B, T - 1) if rows else logits.new_zeros(B, max(T - 1, 0), dtype=torch.float32)
+    chunks = zip(logits.reshape(B * T, V).split(step), tgt.split(step))
+    rows = [torch.logsumexp(f := z.float(), -1) - f.gather(1, y).squeeze(1) for z, y in chunks]
+    nll = torch.cat(rows).view(B, T)[:, :-1] if rows else logits.new_zeros(B, max(T - 1, 0), dtype=torch.float32)
     return nll * target_mask.to(nll.device)
 
 
