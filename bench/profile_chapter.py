@@ -3,9 +3,12 @@
 Executes the chapter's notebook with its default parameters (``DEVICE="cpu"``, results to a
 temporary folder) in a fresh Jupyter kernel through nbclient, as ``make book`` does, with two
 additions injected after the parameters cell: ``torch.set_num_threads`` and a timer around
-:func:`lmbook.core.models.load_model` that also times every call of each loaded model's
-``forward`` (the transformers module under nnterp: every trace, every generation step, every plain
-forward; nested calls counted once) and every ``backward``. After every cell an IPython hook
+:func:`lmbook.core.models.load_model` (which :func:`lmbook.core.models.load_copy` calls too) that also
+times every call of each loaded model's ``forward`` (the transformers module under nnterp: every
+trace, every generation step, every plain forward) and of its top modules down to each decoder layer
+(the final norm, the unembedding, each layer: the library calls these directly when it runs a model
+from a middle layer or trains on cached lower-layer states), nested calls counted once, and every
+``backward``. After every cell an IPython hook
 records the cumulative counters, so each cell's wall time splits into
 
 * **model load** (``load_model``, including nnterp's check trace at load);
@@ -66,8 +69,13 @@ def _load(*a, **k):
     m = _orig_load(*a, **k)
     hf = getattr(m, "_model", None)
     if hf is not None and not getattr(hf, "_lmbook_prof", False):
-        hf.register_forward_pre_hook(_pre, with_kwargs=True)
-        hf.register_forward_hook(_post, with_kwargs=True)
+        # the model and its top modules down to each decoder layer: the library also calls layers, the
+        # final norm and the unembedding directly (causal tracing from a middle layer, training on
+        # cached lower-layer states); the depth count times nested calls once
+        for name, mod in hf.named_modules():
+            if name.count(".") <= 2 + ("layers" in name):
+                mod.register_forward_pre_hook(_pre, with_kwargs=True)
+                mod.register_forward_hook(_post, with_kwargs=True)
         hf._lmbook_prof = True
     _PROF["load"] += _t.perf_counter() - t
     _PROF["fwd"] = f  # forwards during loading count as loading
@@ -172,12 +180,12 @@ def main(argv=None) -> int:
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows, shares = categorise(nb, at, t_kernel, wall, data)
     lines = [f"Profile of `{name}` (default parameters, DEVICE=cpu, {a.threads} torch thread(s)): "
-             f"{wall:.0f} s wall, {data['calls']} model forwards; load average before / after "
+             f"{wall:.0f} s wall, {data['calls']} calls into the model; load average before / after "
              f"{load_before} / {load_after}; `python bench/profile_chapter.py --chapter {a.chapter}`.", "",
              "| where | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {v / wall:.0%} |" for k, v in shares]
     lines += ["", "Slowest cells (cell index among code cells; model = forward + backward time inside it):", "",
-              "| cell | first line | wall s | model s | load s | forwards | model share |",
+              "| cell | first line | wall s | model s | load s | model calls | model share |",
               "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["wall"])[: a.top]:
         share = r["model"] / max(1e-9, r["wall"] - r["load"])

@@ -5,7 +5,19 @@ import json
 
 import pytest
 
-from lmbook.core.claims import ClaimError, Estimate, against_paper, compare, order, overlap, record_claim, spans, within
+from lmbook.core.claims import (
+    PRECISION,
+    ClaimError,
+    Estimate,
+    against_paper,
+    compare,
+    order,
+    overlap,
+    precision_outcome,
+    record_claim,
+    spans,
+    within,
+)
 from lmbook.core.records import Recorder
 
 NAN = float("nan")
@@ -142,3 +154,15 @@ def test_bad_claims_fail_with_one_line_and_record_nothing(tmp_path, glued, outco
 def test_bad_claim_name(tmp_path, glued):
     with pytest.raises(ClaimError, match="must be an identifier"):
         record_claim(Recorder("ch", tmp_path), "claim x", "a", {"a": "s"})
+
+
+@pytest.mark.parametrize("copied, comparison, outcome", [
+    (False, {"d": 0.0}, "exact"),  # no copy: nothing to compare, whatever was passed
+    (True, None, "unchecked"),
+    (True, {}, "unchecked"),
+    (True, {"d": 0.01}, "small"),
+    (True, {"d": 0.5}, "large"),
+])
+def test_precision_outcome(copied, comparison, outcome):
+    assert precision_outcome(copied, comparison, lambda c: c["d"] <= 0.1) == outcome
+    assert outcome in PRECISION

@@ -393,12 +393,14 @@ def test_empty_model_name_is_not_the_current_folder():
 
 def test_load_copy_is_a_dispatched_lower_precision_twin(llama):
     """``load_copy``: the same checkpoint in bfloat16 (weights loaded, not left on the meta device),
-    close to the float32 model's output; the model itself when the dtype already matches."""
+    close to the float32 model's output, with the model's own tokenizer; the model itself when the
+    dtype already matches."""
     from lmbook.core.models import load_copy, model_dtype
 
     assert load_copy(llama, "float32") is llama
     fast = load_copy(llama, "bfloat16")
     assert fast is not llama and model_dtype(fast) == torch.bfloat16 and model_dtype(llama) == torch.float32
+    assert fast.tokenizer is llama.tokenizer  # shared, not read again
     ids = encode(llama, PROMPTS[:1], start=True).input_ids
     with torch.no_grad():
         emb = fast._model.get_input_embeddings()(ids)  # a module called directly: needs real weights

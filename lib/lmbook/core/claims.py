@@ -16,6 +16,8 @@ Outcomes come from small conditions that respect uncertainty:
 * :func:`overlap` ``(a, b, n)``: whether two sets drawn from ``n`` items (each task's top heads, say) share
   more items than two random sets of their sizes would (a one-sided hypergeometric test);
 * :func:`spans` writes a list of layers as runs (``"0–11, 14"``) for a sentence;
+* :func:`precision_outcome` ``(copied, comparison, small)``: what a lower-precision copy changes, from a
+  float32 rerun and a stated threshold;
 * :func:`against_paper` ``(ours, paper)``: ``"as_paper"`` when our outcome is the paper's, ``"unlike_paper"``
   when it is a different one, ``"indistinguishable"`` / ``"no_data"`` when ours is.
 
@@ -41,14 +43,15 @@ import numpy as np
 from lmbook.core.stats import bootstrap_ci, wilson_interval
 
 __all__ = ["ClaimError", "Estimate", "bootstrap_stat", "compare", "within", "order", "overlap", "against_paper",
-           "spans",
-           "record_claim", "COMPARE", "WITHIN", "ORDER", "OVERLAP", "PAPER"]
+           "spans", "precision_outcome",
+           "record_claim", "COMPARE", "WITHIN", "ORDER", "OVERLAP", "PAPER", "PRECISION"]
 
 COMPARE = ("greater", "less", "indistinguishable", "no_data")
 WITHIN = ("inside", "outside", "indistinguishable", "no_data")
 ORDER = ("before", "after", "overlap", "first_empty", "second_empty", "no_data")
 OVERLAP = ("beyond_chance", "chance", "none", "no_data")
 PAPER = ("as_paper", "unlike_paper", "indistinguishable", "no_data")
+PRECISION = ("small", "large", "unchecked", "exact")
 
 
 class ClaimError(ValueError):
@@ -225,6 +228,19 @@ def against_paper(ours: str, paper: str) -> str:
     if ours in ("indistinguishable", "no_data"):
         return ours
     return "as_paper" if ours == paper else "unlike_paper"
+
+
+def precision_outcome(copied: bool, comparison, small: Callable[[Any], bool]) -> str:
+    """The outcome of a chapter's precision claim (:data:`PRECISION`): ``"exact"`` when the loops ran
+    on the model itself (``copied`` false: no lower-precision copy was made), ``"unchecked"`` when a
+    copy ran but no float32 comparison did (``comparison`` is ``None`` or empty), otherwise
+    ``"small"`` when ``small(comparison)`` holds (the chapter's stated threshold) and ``"large"``
+    when it does not."""
+    if not copied:
+        return "exact"
+    if comparison is None or (hasattr(comparison, "__len__") and len(comparison) == 0):
+        return "unchecked"
+    return "small" if bool(small(comparison)) else "large"
 
 
 def _jsonable(v):

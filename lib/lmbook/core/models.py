@@ -550,6 +550,7 @@ def load_model(
     attention_probs: bool = True,
     dtype: torch.dtype | None = None,
     device_map: str | dict | None = None,
+    tokenizer=None,
 ):
     """Load ``name`` into nnterp's ``StandardizedTransformer``; ``model.tokenizer`` is its tokenizer.
 
@@ -564,7 +565,9 @@ def load_model(
     ``attention_probs=False`` (:func:`load_copy` loads such a copy for a chapter's heavy loops).
     ``remote``: ``True`` runs every trace and generation on NDIF (a hub id; only the config and
     tokenizer are read here, checked first by :func:`check_ndif`), ``"local"`` simulates that request
-    locally, ``None`` reads ``$LMBOOK_REMOTE``.
+    locally, ``None`` reads ``$LMBOOK_REMOTE``. ``tokenizer``: the already loaded tokenizer of the
+    same checkpoint, shared instead of read again (:func:`load_copy`: Gemma's 262k-token tokenizer
+    takes seconds to read).
     """
     kind = check_model_name(name)
     remote = _remote_value(remote)
@@ -585,7 +588,7 @@ def load_model(
             _check_hub_reachable(name)  # before the slow imports below: an unreachable hub fails in seconds
     from nnterp import StandardizedTransformer
 
-    kwargs = {}
+    kwargs = {} if tokenizer is None else {"tokenizer": tokenizer}
     model_type = _model_type(source) if kind != "hub" else None
     if kind == "hub":
         from transformers import AutoConfig
@@ -805,13 +808,14 @@ def load_copy(model, dtype: str, attention_probs: bool = False):
     one. ``attention_probs``: the copy reads and edits attention probabilities too (eager attention, as
     :func:`load_model`; nnterp's check trace is skipped, since its tolerance fails in bfloat16: the
     float32 model passed it). Returns ``model`` itself when it already has that dtype or runs remotely.
-    The copy takes ``model``'s current weights (cast), so a fine-tuned model is copied as fine-tuned. A
+    The copy takes ``model``'s current weights (cast), so a fine-tuned model is copied as fine-tuned, and
+    shares its tokenizer. A
     chapter that uses a copy shows how much it changes its numbers against ``model`` (chapter 2 does)."""
     dt = getattr(torch, check_dtype("dtype", dtype))
     if getattr(model, "lmbook_remote", False) or model_dtype(model) == dt:
         return model
     copy = load_model(model.lmbook_name, device_map=model.lmbook_device, dtype=dt,
-                      attention_probs=attention_probs)
+                      attention_probs=attention_probs, tokenizer=model.tokenizer)
     with torch.no_grad():
         copy._model.load_state_dict(model._model.state_dict())  # copy_ casts to the copy's dtype
     return copy

@@ -140,6 +140,11 @@ class KnockoutRun:
     start: bool = True
 
     @property
+    def n_facts(self) -> int:
+        """The number of facts ``F``."""
+        return len(self.clean)
+
+    @property
     def n_layers(self) -> int:
         return self.changes[KINDS[0]].shape[1]
 
@@ -310,6 +315,11 @@ class EnrichmentRun:
     pool: int = POOL
     variants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
+    @property
+    def n_facts(self) -> int:
+        """The number of facts ``F``."""
+        return len(self.rates)
+
     def curve(self, position: str) -> np.ndarray:
         """Mean rate (%) over facts by layer at ``position``, ``[L]``."""
         return np.nanmean(self.rates[:, :, POSITIONS.index(position)], axis=0) * 100
@@ -441,6 +451,11 @@ class SublayerRun:
     mlp: np.ndarray
     attention: np.ndarray
 
+    @property
+    def n_facts(self) -> int:
+        """The number of facts ``F``."""
+        return len(self.clean)
+
     def early_effect(self) -> tuple[float, float, float]:
         """Mean rate (%) without intervention, and with MLP / attention updates cancelled, averaged
         over the windows starting in the first half of the layers before the read-out."""
@@ -551,6 +566,11 @@ class ExtractionRun:
     :data:`EXTRACTION_KEYS` (``K`` = 3, or 5 with the propagated variant)."""
 
     events: np.ndarray
+
+    @property
+    def n_facts(self) -> int:
+        """The number of facts ``F``."""
+        return len(self.events)
 
     @property
     def keys(self) -> list[str]:
@@ -762,7 +782,10 @@ def paper_items(model: str, knockout: KnockoutRun, enrichment: EnrichmentRun, ex
 # ---------------------------------------------------------------- what a lower-precision copy changes
 
 DISSECTION_MEASURES = ("knockout", "enrichment", "sublayer", "extraction")
-"""The experiments chapter 2 runs on a lower-precision copy (:func:`lmbook.core.models.load_copy`)."""
+"""The experiments whose curves :func:`dissection_curves` reads and :func:`dissection_precision`
+compares between a lower-precision copy (:func:`lmbook.core.models.load_copy`) and the float32
+model. Chapter 2 runs the first three on the copy (``DISSECT_DTYPE``); attribute extraction stays
+float32 there, since its events hinge on which single token ranks first."""
 
 
 def dissection_curves(measure: str, run, n_facts: int | None = None) -> np.ndarray:
@@ -801,7 +824,7 @@ def dissection_precision(fast: dict, exact: dict) -> dict:
     ``exact``'s curves, their ratio, and the number of facts compared."""
     out = {}
     for measure, run in exact.items():
-        n = len(run.clean) if hasattr(run, "clean") else len(getattr(run, "rates", getattr(run, "events", [])))
+        n = run.n_facts
         a, b = dissection_curves(measure, fast[measure], n), dissection_curves(measure, run)
         both = ~(np.isnan(a) | np.isnan(b))
         diff = float(np.max(np.abs(a[both] - b[both]))) if both.any() else 0.0

@@ -43,17 +43,24 @@ class TopP:
     def __init__(self, top_p: float, temperature: float = 1.0, k: int = 1024):
         self.top_p, self.temperature, self.k = top_p, temperature, k
 
+    def _nucleus(self, scores: torch.Tensor):
+        """The top ``k`` scores ``vals`` and their ids ``idx`` (descending), which of them the
+        nucleus keeps (``keep``: the tokens ranked above each hold less than ``top_p``), the rows
+        whose top ``k`` hold less than ``top_p`` (``full``: they need the whole vocabulary) and
+        each row's log-normaliser ``lse`` (float32). One home for :class:`TopP` and
+        :class:`NucleusDraw`."""
+        lse = scores.float().logsumexp(-1, keepdim=True)
+        vals, idx = scores.topk(min(self.k, scores.shape[-1]), dim=-1)  # descending
+        probs = (vals.float() - lse).exp()
+        keep = (probs.cumsum(-1) - probs) < self.top_p  # mass of the tokens ranked above
+        keep[:, 0] = True
+        full = probs.sum(-1) < self.top_p
+        return vals, idx, keep, full, lse
+
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
             scores = scores / self.temperature
-        k = min(self.k, scores.shape[-1])
-        lse = scores.float().logsumexp(-1, keepdim=True)
-        vals, idx = scores.topk(k, dim=-1)  # descending
-        probs = (vals.float() - lse).exp()
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-        keep = before < self.top_p
-        keep[:, 0] = True
-        full = probs.sum(-1) < self.top_p  # top k hold too little mass: filter over everything
+        vals, idx, keep, full, lse = self._nucleus(scores)
         if full.any():
             s, i = scores[full].float().sort(-1, descending=True)
             pr = (s - lse[full]).exp()
@@ -81,15 +88,10 @@ class NucleusDraw(TopP):
         if self.temperature != 1.0:
             scores = scores / self.temperature
         token = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        k = min(self.k, scores.shape[-1])
         if self.top_p >= 1.0:
             full = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
         else:
-            vals, idx = scores.topk(k, dim=-1)  # descending
-            probs = (vals - scores.logsumexp(-1, keepdim=True)).exp()
-            keep = (probs.cumsum(-1) - probs) < self.top_p
-            keep[:, 0] = True
-            full = probs.sum(-1) < self.top_p  # top k hold too little mass: draw over everything
+            vals, idx, keep, full, _ = self._nucleus(scores)
             part = ~full
             if part.any():
                 kept = torch.where(keep[part], vals[part], float("-inf")).softmax(-1)
