@@ -71,11 +71,12 @@ def _load(*a, **k):
     if hf is not None and not getattr(hf, "_lmbook_prof", False):
         # the model and its top modules down to each decoder layer: the library also calls layers, the
         # final norm and the unembedding directly (causal tracing from a middle layer, training on
-        # cached lower-layer states); the depth count times nested calls once
+        # cached lower-layer states); the depth count times nested calls once, and always_call keeps
+        # it right when a forward stops by raising (the cached-state pass stops after the frozen blocks)
         for name, mod in hf.named_modules():
             if name.count(".") <= 2 + ("layers" in name):
                 mod.register_forward_pre_hook(_pre, with_kwargs=True)
-                mod.register_forward_hook(_post, with_kwargs=True)
+                mod.register_forward_hook(_post, with_kwargs=True, always_call=True)
         hf._lmbook_prof = True
     _PROF["load"] += _t.perf_counter() - t
     _PROF["fwd"] = f  # forwards during loading count as loading
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     rows, shares = categorise(nb, at, t_kernel, wall, data)
     lines = [f"Profile of `{name}` (default parameters, DEVICE=cpu, {a.threads} torch thread(s)): "
              f"{wall:.0f} s wall, {data['calls']} calls into the model; load average before / after "
-             f"{load_before} / {load_after}; `python bench/profile_chapter.py --chapter {a.chapter}`.", "",
+             f"{load_before} / {load_after}; `python bench/profile_chapter.py --chapter {a.chapter} --threads {a.threads}`.", "",
              "| where | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {v / wall:.0%} |" for k, v in shares]
     lines += ["", "Slowest cells (cell index among code cells; model = forward + backward time inside it):", "",
