@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     rows, shares = categorise(nb, at, t_kernel, wall, data)
     lines = [f"Profile of `{name}` (default parameters, DEVICE=cpu, {a.threads} torch thread(s)): "
              f"{wall:.0f} s wall, {data['calls']} calls into the model; load average before / after "
-             f"{load_before} / {load_after}; `python bench/profile_chapter.py --chapter {a.chapter} --threads {a.threads}`.", "",
+             f"{load_before} / {load_after}; "
+             f"`python bench/profile_chapter.py --chapter {a.chapter} --threads {a.threads}`.", "",
              "| where | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {v / wall:.0%} |" for k, v in shares]
     lines += ["", "Slowest cells (cell index among code cells; model = forward + backward time inside it):", "",
