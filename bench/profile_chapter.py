@@ -69,10 +69,11 @@ def _load(*a, **k):
     m = _orig_load(*a, **k)
     hf = getattr(m, "_model", None)
     if hf is not None and not getattr(hf, "_lmbook_prof", False):
-        # the model and its top modules down to each decoder layer: the library also calls layers, the
-        # final norm and the unembedding directly (causal tracing from a middle layer, training on
-        # cached lower-layer states); the depth count times nested calls once, and always_call keeps
-        # it right when a forward stops by raising (the cached-state pass stops after the frozen blocks)
+        # the model, its top modules (embedding, final norm, unembedding), each decoder layer and the
+        # layer's own attention and MLP: the library calls some of these directly (causal tracing from
+        # a middle layer, training on cached lower-layer states); the depth count times nested calls
+        # once, and always_call keeps it right when a forward stops by raising (the cached-state pass
+        # stops after the frozen blocks)
         for name, mod in hf.named_modules():
             if name.count(".") <= 2 + ("layers" in name):
                 mod.register_forward_pre_hook(_pre, with_kwargs=True)

@@ -809,8 +809,8 @@ def load_copy(model, dtype: str, attention_probs: bool = False):
     :func:`load_model`; nnterp's check trace is skipped, since its tolerance fails in bfloat16: the
     float32 model passed it). Returns ``model`` itself when it already has that dtype or runs remotely.
     The copy takes ``model``'s current weights (cast), so a fine-tuned model is copied as fine-tuned, and
-    shares its tokenizer. A
-    chapter that uses a copy shows how much it changes its numbers against ``model`` (chapter 2 does)."""
+    shares its tokenizer. A chapter that uses a copy shows how much it changes its numbers against
+    ``model`` (chapter 2 does)."""
     dt = getattr(torch, check_dtype("dtype", dtype))
     if getattr(model, "lmbook_remote", False) or model_dtype(model) == dt:
         return model
